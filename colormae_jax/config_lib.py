@@ -1,0 +1,122 @@
+"""Config helpers: ``get_config(arg)`` argument parsing and validation before compiling."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from colormae_jax import masking, model, parallel
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message names the key and what would be valid."""
+
+    def __init__(self, key: str, msg: str | None = None):
+        # One-argument form: config_flags re-raises ``type(e)(full_message)``.
+        super().__init__(key if msg is None else f'config.{key}: {msg}')
+        self.key = None if msg is None else key
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """``'mask=random,variant=Ti/4,smoke'`` -> ConfigDict, typed like ``defaults``.
+
+    A bare word sets a boolean default to True. Unknown keys are refused.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or '').split(',')):
+        key, eq, value = item.partition('=')
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(f'arg.{key}', f'unknown config argument {key!r}; valid: {sorted(defaults)}')
+        default = defaults[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ConfigError(f'arg.{key}', f'{key!r} needs a value ({key}=...)')
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ('1', 'true', 'yes', 'on')
+        elif isinstance(default, (int, float)):
+            out[key] = type(default)(value)
+        else:
+            out[key] = value
+    return ml_collections.ConfigDict(out)
+
+
+def resolve_steps(config, name: str, steps_per_epoch: int) -> int:
+    """``config.{name}_steps`` if set, else ``config.{name}_epochs`` -> steps."""
+    steps, epochs = config.get(f'{name}_steps'), config.get(f'{name}_epochs')
+    if steps is None and epochs is None:
+        raise ConfigError(f'{name}_steps', f'set {name}_steps or {name}_epochs')
+    return int(steps) if steps is not None else int(round(epochs * steps_per_epoch))
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(key, msg)
+
+
+def validate(config, num_devices: int | None = None, check_data: bool = True) -> None:
+    """Refuses a bad config with a :class:`ConfigError` before anything is compiled."""
+    import jax
+    num_devices = num_devices or jax.device_count()
+    try:
+        name, patch = model.parse_variant(config.model.variant)
+    except ValueError as e:
+        raise ConfigError('model.variant', str(e).split(': ', 1)[1]) from None
+    size = config.data.image_size
+    _check(isinstance(size, int) and size > 0, 'data.image_size', f'must be a positive int, got {size!r}')
+    _check(size % patch == 0, 'model.variant',
+           f'patch {patch} does not divide data.image_size={size}; use a patch in '
+           f'{[p for p in range(1, size + 1) if size % p == 0 and p >= 2]}')
+    width = model.VARIANTS[name][0]
+    _check(width % model.VARIANTS[name][3] == 0 and width % 4 == 0, 'model.variant', 'width/heads mismatch')
+    dec = config.model.decoder
+    _check(dec.depth >= 1, 'model.decoder.depth', f'must be >= 1, got {dec.depth}')
+    _check(dec.width % 4 == 0 and dec.width % dec.heads == 0, 'model.decoder.width',
+           f'{dec.width} must be divisible by 4 and by model.decoder.heads={dec.heads}')
+    _check(config.model.compute_dtype in ('float32', 'bfloat16'), 'model.compute_dtype',
+           f"{config.model.compute_dtype!r}; valid: 'float32', 'bfloat16'")
+    _check(config.model.attn_impl in model.ATTN_IMPLS, 'model.attn_impl',
+           f"{config.model.attn_impl!r}; valid: {model.ATTN_IMPLS}")
+    ratio = config.mask.ratio
+    _check(0 < ratio < 1, 'mask.ratio', f'must be in (0, 1), got {ratio}')
+    throw = config.mask.get('throw_ratio', 0.0)
+    _check(0 <= throw < 1, 'mask.throw_ratio', f'must be in [0, 1), got {throw}')
+    _check(config.mask.strategy in masking.names(), 'mask.strategy',
+           f'{config.mask.strategy!r} is unknown; valid: {masking.names()}')
+    try:
+        masking.counts((size // patch) ** 2, ratio, throw)
+    except ValueError as e:
+        raise ConfigError('mask.ratio', str(e)) from None
+    bs = config.batch_size
+    _check(isinstance(bs, int) and bs > 0, 'batch_size', f'must be a positive int, got {bs!r}')
+    _check(bs % num_devices == 0, 'batch_size',
+           f'{bs} is not divisible by the {num_devices} devices; use a multiple of {num_devices}')
+    try:
+        parallel.mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError('mesh', str(e)) from None
+    _check(config.base_lr > 0, 'base_lr', f'must be positive, got {config.base_lr}')
+    _check(config.wd >= 0, 'wd', f'must be >= 0, got {config.wd}')
+    for n in ('total', 'warmup'):
+        steps, epochs = config.get(f'{n}_steps'), config.get(f'{n}_epochs')
+        _check(steps is not None or epochs is not None, f'{n}_steps', f'set {n}_steps or {n}_epochs')
+        v = steps if steps is not None else epochs
+        _check(v >= 0, f'{n}_steps' if steps is not None else f'{n}_epochs', f'must be >= 0, got {v}')
+    _check(config.ckpt.keep >= 1, 'ckpt.keep', f'must be >= 1, got {config.ckpt.keep}')
+    d = config.data
+    _check(d.source in ('folder', 'tfds'), 'data.source', f"{d.source!r}; valid: 'folder', 'tfds'")
+    _check(d.normalize_on in ('device', 'host'), 'data.normalize_on', f"{d.normalize_on!r}; valid: 'device', 'host'")
+    lo, hi = d.crop_scale
+    _check(0 < lo <= hi <= 1, 'data.crop_scale', f'must satisfy 0 < min <= max <= 1, got {tuple(d.crop_scale)}')
+    if check_data and d.source == 'folder':
+        _check(bool(d.root) and os.path.isdir(d.root), 'data.root',
+               f'{d.root!r} is not a directory. Point it at a folder laid out as <root>/<split>/<class>/*.jpg, '
+               f'e.g. --config.data.root=../shared/data/cifar10')
+        _check(os.path.isdir(os.path.join(d.root, d.split)), 'data.split',
+               f'{os.path.join(d.root, d.split)!r} does not exist; the splits in {d.root!r} are '
+               f'{sorted(x for x in os.listdir(d.root) if os.path.isdir(os.path.join(d.root, x)))}')
+    if check_data and d.source == 'tfds':
+        _check(bool(d.name), 'data.name', "set the TFDS dataset name, e.g. 'imagenet2012'")

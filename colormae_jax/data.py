@@ -1,0 +1,576 @@
+"""Data: a TFDS builder for image folders, TFDS datasets by name, and the grain pipeline.
+
+Sources (both read as TFDS array_record data sources: random access, no TensorFlow):
+  * ``source='folder'``: ``<root>/<split>/<class>/*.{jpg,jpeg,png}`` (any case), prepared once
+    into array_record under ``data_dir`` by :class:`ImageFolder`;
+  * ``source='tfds'``: any TFDS dataset already prepared as array_record (``imagenet2012``, ...),
+    with an ``image`` and a ``label`` feature.
+
+Training pipeline, per process (``make_train_iterator``)::
+
+    source -> attach the index in the full split -> this process's shard (equal sizes)
+    -> shuffle (a new order every epoch) -> repeat -> RandomResizedCrop + flip -> batch
+
+Every example carries ``index`` (its position in the full split, for per-example tables
+such as FAMT's) and the crop box and flip that were applied, so per-patch maps can follow
+the image: output pixel (row r, column c) of an S x S image comes from the source point
+(relative coordinates) ``y = y0 + h * (r + .5) / S`` and ``x = x0 + w * u`` with
+``u = (c + .5) / S``, or ``u = 1 - (c + .5) / S`` when ``flip``.
+
+Everything is a function of ``seed`` (and the process index): the same seed gives the
+same batches, with or without worker processes, and ``iterator.get_state()`` /
+``set_state()`` (or orbax with ``grain.checkpoint.CheckpointSave``) resume exactly.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import math
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+MAE_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+MAE_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+EVAL_CROP_FRACTION = 0.875
+DEFAULT_PREFETCH_BUFFER = 2
+
+
+class DataError(ValueError):
+    """Bad data input; the message says what is wrong and how to fix it."""
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        source='folder', root='', name='', data_dir='', split='train', image_size=32, crop_scale=(0.2, 1.0),
+        hflip=True, mean=MAE_MEAN, std=MAE_STD, normalize_on='device', num_workers=0,
+        prefetch_buffer=DEFAULT_PREFETCH_BUFFER))
+
+
+def _opt(cfg, name: str, default):
+    """``cfg.name`` or ``default`` when the field is absent or None (older configs)."""
+    value = getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def _data_dir(data_cfg) -> str:
+    return os.path.expanduser(data_cfg.data_dir or '~/tensorflow_datasets')
+
+
+# ------------------------------------------------------------------------------ image folders
+
+def _visible_dirs(path: str) -> list[str]:
+    return sorted(d for d in os.listdir(path) if not d.startswith('.') and os.path.isdir(os.path.join(path, d)))
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _split_names(root: str) -> list[str]:
+    """The subfolders of ``root`` that hold class folders."""
+    return [s for s in _visible_dirs(root) if _visible_dirs(os.path.join(root, s))]
+
+
+def _class_names(root: str) -> list[str]:
+    """Sorted union of the class folders of all splits (a split may lack some classes)."""
+    return sorted({c for s in _split_names(root) for c in _visible_dirs(os.path.join(root, s))})
+
+
+def _list_split(split_dir: str) -> list[tuple[str, str]]:
+    """(class, file name) of every image of a split, in a fixed order."""
+    return [(c, f) for c in _visible_dirs(split_dir)
+            for f in sorted(os.listdir(os.path.join(split_dir, c))) if _is_image(f)]
+
+
+def _scan(root: str) -> dict[str, int]:
+    """Checks the layout; returns the number of images per split. Cheap (no decoding)."""
+    layout = f'{root}/<split>/<class>/*.jpg (or .jpeg/.png), e.g. {root}/train/cat/0001.jpg'
+    splits = _split_names(root)
+    if not splits:
+        loose = [d for d in _visible_dirs(root) if any(_is_image(f) for f in os.listdir(os.path.join(root, d)))]
+        hint = (f' It holds images directly in class-like folders ({", ".join(loose[:3])}): did you point root at a '
+                f'split folder? Use its parent, with the split as a subfolder.' if loose else '')
+        raise DataError(f'data.root={root} holds no <split>/<class>/ folders; expected {layout}.{hint}')
+    counts = {}
+    for s in splits:
+        if not re.fullmatch(r'\w+', s):
+            raise DataError(f'split folder {os.path.join(root, s)!r}: split names may hold only letters, digits and _; '
+                            f'rename the folder (e.g. {re.sub(r"[^0-9A-Za-z_]", "_", s)!r})')
+        counts[s] = len(_list_split(os.path.join(root, s)))
+        if not counts[s]:
+            raise DataError(f'split folder {os.path.join(root, s)} holds no images ({"/".join(IMAGE_EXTENSIONS)}); '
+                            f'expected {layout}. Add images or remove the folder.')
+    return counts
+
+
+def _folder_config_name(root: str) -> str:
+    """``<basename>_<hash of the absolute path>``: different folders never share prepared files."""
+    root = os.path.abspath(root)
+    base = re.sub(r'[^a-z0-9]+', '_', os.path.basename(root.rstrip('/')).lower()).strip('_') or 'root'
+    return f'{base}_{hashlib.sha1(root.encode()).hexdigest()[:8]}'
+
+
+def _read_checked(path: str) -> bytes:
+    """The file's bytes when it decodes as an RGB JPEG/PNG, else the image re-encoded as an RGB PNG.
+
+    Decodes every image once so that a broken file fails preparation with its name.
+    """
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            if im.mode == 'RGB' and im.format in ('JPEG', 'PNG'):
+                return raw
+            out = io.BytesIO()  # grayscale, palette, RGBA, CMYK, other formats: store RGB
+            im.convert('RGB').save(out, format='PNG')
+            return out.getvalue()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for broken files
+        raise DataError(f'cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file, then '
+                        f'prepare again (preparation restarts from scratch).') from None
+
+
+class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """``<root>/<split>/<class>/*.jpg`` as a TFDS dataset (array_record), without TensorFlow.
+
+    Prepared under ``<data_dir>/image_folder/<basename>_<hash of the absolute root>/1.0.0``.
+    Features: ``image`` (uint8, (None, None, 3)), ``label`` (class names = sorted class folders
+    of all splits), ``file_name`` (``<class>/<file>``). Not registered with TFDS by name
+    (no clash with ``tfds.folder_dataset``); ``tfds.builder('image_folder/<config>', data_dir=...)``
+    still reads a prepared folder from its files.
+    """
+    VERSION = tfds.core.Version('1.0.0')
+
+    def __init__(self, *, root: str, data_dir: str | None = None, **kwargs):
+        kwargs.pop('config', None)  # always derived from the root
+        kwargs.pop('file_format', None)
+        self._root = os.path.abspath(root)
+        config = tfds.core.BuilderConfig(name=_folder_config_name(root), description=f'image folder {self._root}')
+        super().__init__(config=config, data_dir=data_dir, file_format='array_record', **kwargs)
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    def __getstate__(self):  # grain workers unpickle the data source, and with it the builder
+        return {'_original_state': {'root': self._root, 'data_dir': self._original_state['data_dir']}}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=f'Image folder {self._root}', features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
+            'label': tfds.features.ClassLabel(names=_class_names(self._root) if os.path.isdir(self._root) else []),
+            'file_name': tfds.features.Text(),
+        }), supervised_keys=('image', 'label'))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {s: self._generate_examples(os.path.join(self._root, s)) for s in _split_names(self._root)}
+
+    def _generate_examples(self, split_dir: str):
+        files = _list_split(split_dir)
+        chunk = 512
+        # Decoding (to validate) runs in threads: PIL releases the GIL while decoding.
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+            for start in range(0, len(files), chunk):
+                part = files[start:start + chunk]
+                paths = [os.path.join(split_dir, c, f) for c, f in part]
+                for (label, name), image in zip(part, pool.map(_read_checked, paths)):
+                    key = f'{label}/{name}'
+                    yield key, {'image': image, 'label': label, 'file_name': key}
+
+
+# ------------------------------------------------------------------------------ builders
+
+def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for ``data_cfg`` (nothing is prepared or read here)."""
+    data_dir = _data_dir(data_cfg)
+    if data_cfg.source == 'folder':
+        root = data_cfg.root
+        if not root or not os.path.isdir(root):
+            raise DataError(f'data.root={root!r} is not a directory. Point it at a folder laid out as '
+                            f'<root>/<split>/<class>/*.jpg, e.g. --config.data.root=../shared/data/cifar10')
+        return ImageFolder(root=root, data_dir=data_dir)
+    if data_cfg.source == 'tfds':
+        if not data_cfg.name:
+            raise DataError("data.name is empty; with data.source='tfds' set the TFDS dataset name, "
+                            "e.g. --config.data.name=imagenet2012")
+        try:
+            return tfds.builder(data_cfg.name, data_dir=data_dir, file_format='array_record')
+        except Exception as e:  # unknown name, bad config/version, ...
+            raise DataError(f'TFDS dataset {data_cfg.name!r} is not available under {data_dir}: '
+                            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}. Check data.name '
+                            f'(tfds name, optionally name/config:version) and data.data_dir.') from None
+    raise DataError(f"data.source={data_cfg.source!r} is not valid; use 'folder' or 'tfds'")
+
+
+def _check_tfds_prepared(builder, data_cfg) -> None:
+    how = (f'Prepare it as array_record under that data_dir, on a machine with TensorFlow: '
+           f'`tfds build {data_cfg.name} --file_format=array_record --data_dir={_data_dir(data_cfg)}`, '
+           f"or use data.source='folder' with a <root>/<split>/<class>/*.jpg folder.")
+    if not builder.is_prepared():
+        raise DataError(f'TFDS dataset {data_cfg.name!r} is not prepared under {_data_dir(data_cfg)} '
+                        f'(looked in {builder.data_dir}). {how}')
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if 'array_record' not in formats:
+        raise DataError(f'TFDS dataset {data_cfg.name!r} under {builder.data_dir} is prepared as {sorted(formats)}, '
+                        f'not array_record (random access). {how}')
+    feats = dict(builder.info.features.items())
+    if not (isinstance(feats.get('image'), tfds.features.Image) and isinstance(feats.get('label'),
+                                                                                tfds.features.ClassLabel)):
+        raise DataError(f'TFDS dataset {data_cfg.name!r} has features {sorted(feats.keys())}; the pipeline needs an '
+                        f"'image' (Image) and a 'label' (ClassLabel) feature.")
+
+
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
+    """Returns a prepared builder. An image folder is prepared once (array_record), then reused.
+
+    A folder is checked before any heavy work (layout, splits); a broken image stops the
+    preparation with its name. Prepared data is reused as long as the number of images per
+    split is unchanged; delete ``builder.data_dir`` to prepare again after other edits.
+    """
+    builder = get_builder(data_cfg)
+    if data_cfg.source == 'folder':
+        counts = _scan(builder.root)
+        if not builder.is_prepared():
+            builder.download_and_prepare(file_format='array_record')
+        else:
+            stored = {s: builder.info.splits[s].num_examples if s in builder.info.splits else 0 for s in counts}
+            if stored != counts:
+                raise DataError(f'{builder.root} changed since it was prepared into {builder.data_dir} (images per split: '
+                                f'now {counts}, prepared {stored}). Delete {builder.data_dir} to prepare again.')
+    else:
+        _check_tfds_prepared(builder, data_cfg)
+    split = _opt(data_cfg, 'split', 'train')
+    if split not in builder.info.splits:
+        raise DataError(f'data.split={split!r} is not in the dataset; available: {sorted(builder.info.splits)}')
+    return builder
+
+
+def _source(builder: tfds.core.DatasetBuilder, split: str):
+    """Random-access source; the image stays encoded (decoded by the map functions)."""
+    if split not in builder.info.splits:
+        raise DataError(f'split {split!r} is not in the dataset; available: {sorted(builder.info.splits)}')
+    return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def num_examples(data_cfg, split: str | None = None) -> int:
+    """Examples in ``split`` (default ``data_cfg.split``); prepares a folder on first use."""
+    split = split or data_cfg.split
+    info = prepare(data_cfg).info
+    if split not in info.splits:
+        raise DataError(f'split {split!r} is not in the dataset; available: {sorted(info.splits)}')
+    return info.splits[split].num_examples
+
+
+def steps_per_epoch(data_cfg, global_batch_size: int, split: str | None = None) -> int:
+    """``num_examples // global_batch_size`` (batches run across epoch boundaries)."""
+    return num_examples(data_cfg, split) // global_batch_size
+
+
+# ------------------------------------------------------------------------------ transforms
+
+def normalize(images, mean, std):
+    """uint8 (or float in 0..255) -> float32 ``(x - mean) / std`` (mean/std in 0..255 scale).
+
+    numpy in, numpy out; jax arrays (also under jit) in, jax out.
+    """
+    xp = np if isinstance(images, (np.ndarray, np.generic)) else jax.numpy
+    return (xp.asarray(images).astype(xp.float32) - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+
+
+def denormalize(images, mean, std):
+    """Inverse of :func:`normalize`: float32 in 0..255 scale (not clipped)."""
+    xp = np if isinstance(images, (np.ndarray, np.generic)) else jax.numpy
+    return xp.asarray(images).astype(xp.float32) * xp.asarray(std, xp.float32) + xp.asarray(mean, xp.float32)
+
+
+def decode_image(encoded) -> Image.Image:
+    """Encoded image bytes (or an already decoded uint8 array) -> RGB PIL image."""
+    if isinstance(encoded, np.ndarray) and encoded.dtype == np.uint8 and encoded.ndim == 3:
+        im = Image.fromarray(encoded[..., 0] if encoded.shape[-1] == 1 else encoded)
+    else:
+        im = Image.open(io.BytesIO(bytes(encoded)))
+    return im if im.mode == 'RGB' else im.convert('RGB')
+
+
+def random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's ``RandomResizedCrop.get_params``: (top, left, height, width) in pixels.
+
+    Ten tries at a random area fraction in ``scale`` and log-uniform aspect ratio in ``ratio``;
+    then the largest centred crop whose aspect ratio is within ``ratio``.
+    """
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+class AttachIndex(grain.transforms.MapWithIndex):
+    """Adds ``index``: the example's position in the full split (applied before sharding/shuffling).
+
+    Past the first epoch grain hands over ``epoch * size + index``, hence the modulo.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def map_with_index(self, index: int, element: dict) -> dict:
+        return {'image': element['image'], 'label': element['label'], 'index': np.int32(index % self.size)}
+
+
+class RandomResizedCropFlip(grain.transforms.RandomMap):
+    """Decode, RandomResizedCrop (bicubic) to ``size``, horizontal flip (p=0.5); records box and flip."""
+
+    def __init__(self, size: int, scale=(0.2, 1.0), hflip: bool = True, mean=None, std=None,
+                 ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio, self.hflip = int(size), tuple(scale), tuple(ratio), bool(hflip)
+        self.mean, self.std = mean, std
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        im = decode_image(element['image'])
+        w, h = im.size
+        top, left, ch, cw = random_resized_crop_box(h, w, rng, self.scale, self.ratio)
+        im = im.crop((left, top, left + cw, top + ch)).resize((self.size, self.size), Image.BICUBIC)
+        flip = self.hflip and rng.random() < 0.5
+        if flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        out = np.asarray(im, np.uint8)
+        if self.mean is not None:
+            out = normalize(out, self.mean, self.std)
+        return {'image': out, 'label': np.int32(element['label']), 'index': np.int32(element['index']),
+                'crop': np.asarray([top / h, left / w, ch / h, cw / w], np.float32), 'flip': np.bool_(flip)}
+
+
+class CenterCrop(grain.transforms.Map):
+    """Eval transform: resize the shorter side to ``floor(size / 0.875)`` (bicubic) and crop the
+    centre ``size`` x ``size`` (torchvision ``Resize`` + ``CenterCrop``); skipped for images
+    that already are ``size`` x ``size``."""
+
+    def __init__(self, size: int, mean=None, std=None):
+        self.size, self.mean, self.std = int(size), mean, std
+
+    def map(self, element: dict) -> dict:
+        im = decode_image(element['image'])
+        w, h = im.size
+        s = self.size
+        if (h, w) != (s, s):
+            short = int(s / EVAL_CROP_FRACTION)
+            nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+            im = im.resize((nw, nh), Image.BICUBIC)
+            top, left = int(round((nh - s) / 2)), int(round((nw - s) / 2))
+            im = im.crop((left, top, left + s, top + s))
+        out = np.asarray(im, np.uint8)
+        if self.mean is not None:
+            out = normalize(out, self.mean, self.std)
+        return {'image': out, 'label': np.int32(element['label']), 'index': np.int32(element['index']),
+                'valid': np.bool_(True)}
+
+
+# ------------------------------------------------------------------------------ iterators
+
+def _per_process_batch(global_batch_size: int, process_count: int) -> int:
+    if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size <= 0:
+        raise DataError(f'batch_size={global_batch_size!r} must be a positive int')
+    if global_batch_size % process_count:
+        raise DataError(f'batch_size={global_batch_size} is not divisible by the {process_count} processes; '
+                        f'use a multiple of {process_count} (e.g. {process_count * max(1, global_batch_size // process_count)})')
+    return global_batch_size // process_count
+
+
+def _host_norm(data_cfg):
+    mode = _opt(data_cfg, 'normalize_on', 'device')
+    if mode not in ('device', 'host'):
+        raise DataError(f"data.normalize_on={mode!r} is not valid; use 'device' or 'host'")
+    if mode == 'host':
+        return tuple(_opt(data_cfg, 'mean', MAE_MEAN)), tuple(_opt(data_cfg, 'std', MAE_STD))
+    return None, None
+
+
+def _derived_seed(*parts: int) -> int:
+    """A uint32 seed from ints (grain wants seeds in [0, 2**32)); unrelated for nearby inputs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _read_options(data_cfg) -> grain.ReadOptions:
+    # Elements of the MapDataset are whole batches: grain's default buffer (500) would decode
+    # hundreds of batches ahead. ``n`` batches are prepared in ``n`` threads.
+    n = max(1, int(_opt(data_cfg, 'prefetch_buffer', DEFAULT_PREFETCH_BUFFER)))
+    return grain.ReadOptions(num_threads=n, prefetch_buffer_size=n)
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Iterator over a ``MapDataset`` of batches whose state is just the batch count.
+
+    Batch ``k`` is a pure function of (seed, split, batch size, process layout, k), so the
+    state ``{'step': k, ...}`` does not depend on ``num_workers`` or prefetching: a state
+    saved with 0 workers restores with 8 and vice versa (grain's own ``mp_prefetch`` state
+    does not). ``set_state`` restarts reading at batch ``k`` without replaying anything.
+    Works with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` (orbax).
+    """
+
+    def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions,
+                 mp_options: grain.MultiprocessingOptions | None, fingerprint: dict[str, Any]):
+        self._it = None
+        super().__init__()
+        self._batches, self._read_options, self._mp_options = batches, read_options, mp_options
+        self._fingerprint = dict(fingerprint)
+        self._step = 0
+
+    def _start(self) -> None:
+        ds = self._batches[self._step:].to_iter_dataset(self._read_options)
+        if self._mp_options is not None:
+            ds = ds.mp_prefetch(self._mp_options)
+        self._it = iter(ds)
+
+    def __next__(self) -> dict:
+        self._assert_not_closed()
+        if self._it is None:
+            self._start()
+        batch = next(self._it)  # StopIteration at the end of ``num_epochs``
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {'step': self._step, **self._fingerprint}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if 'step' not in state:
+            raise DataError(f'iterator state {state} was not saved by colormae_jax.data.make_train_iterator; '
+                            f'start without restoring the data state, or restore a checkpoint written by this code')
+        diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k, v) != v}
+        if diff:
+            raise DataError('the saved data iterator state does not match this pipeline ('
+                            + ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in diff.items())
+                            + '); resume with the settings the checkpoint was written with')
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+        self._step = int(state['step'])
+
+    def start_prefetch(self) -> None:
+        self._assert_not_closed()
+        if self._it is None:
+            self._start()
+        self._it.start_prefetch()
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+        super().close()
+
+    def __str__(self) -> str:
+        return f'TrainIterator(step={self._step}, {self._fingerprint})'
+
+
+def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, num_epochs: int | None = None) -> TrainIterator:
+    """A checkpointable iterator of this process's batches (infinite unless ``num_epochs``).
+
+    Batches (numpy): ``image`` uint8 [b, S, S, 3] (float32 normalised if ``normalize_on='host'``),
+    ``label`` int32 [b], ``index`` int32 [b] (position in the full split), ``crop`` float32 [b, 4]
+    (y0, x0, h, w relative to the source image), ``flip`` bool [b]; b = global_batch_size //
+    process_count. Each process reads every ``process_count``-th example (shards of equal size:
+    the last ``len % process_count`` examples of the split are never read); batches run across
+    epoch boundaries. ``num_workers > 0`` decodes in that many spawned processes (same batches).
+    """
+    if not 0 <= process_index < process_count:
+        raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
+    batch = _per_process_batch(global_batch_size, process_count)
+    builder = prepare(data_cfg)
+    source = _source(builder, data_cfg.split)
+    n = len(source)
+    per_process = n // process_count
+    if per_process < batch:
+        raise DataError(f'split {data_cfg.split!r} has {n} examples: {per_process} per process, fewer than one batch '
+                        f'of {batch}; lower batch_size to at most {per_process * process_count}')
+    mean, std = _host_norm(data_cfg)
+    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(n))
+    ds = ds[process_index:per_process * process_count:process_count]
+    ds = ds.shuffle(seed=_derived_seed(seed, 0)).repeat(num_epochs)
+    ds = ds.random_map(RandomResizedCropFlip(data_cfg.image_size, _opt(data_cfg, 'crop_scale', (0.2, 1.0)),
+                                             _opt(data_cfg, 'hflip', True), mean, std),
+                       seed=_derived_seed(seed, 1, process_index))
+    ds = ds.batch(batch, drop_remainder=True)
+    workers = int(_opt(data_cfg, 'num_workers', 0))
+    mp_options = None
+    if workers > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app use the defaults
+            flags.FLAGS.mark_as_parsed()
+        mp_options = grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=max(1, int(_opt(data_cfg, 'prefetch_buffer', 2))))
+    fingerprint = dict(seed=int(seed), examples=n, batch=batch, process_index=process_index,
+                       process_count=process_count)
+    return TrainIterator(ds, _read_options(data_cfg), mp_options, fingerprint)
+
+
+def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[dict]:
+    """One pass over ``split`` in order, centre crops, no randomness.
+
+    Process p reads examples p, p + process_count, ...; every process yields the same number
+    of full batches (``image``, ``label``, ``index``, ``valid``); padding rows are zeros with
+    ``valid`` False. A plain generator (not checkpointable).
+    """
+    if not 0 <= process_index < process_count:
+        raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
+    batch = _per_process_batch(global_batch_size, process_count)
+    source = _source(prepare(data_cfg), split)
+    n = len(source)
+    num_batches = math.ceil(math.ceil(n / process_count) / batch)
+    mean, std = _host_norm(data_cfg)
+    s = int(data_cfg.image_size)
+    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(n))[process_index::process_count]
+    ds = ds.map(CenterCrop(s, mean, std)).batch(batch, drop_remainder=False)
+    return _padded_batches(iter(ds.to_iter_dataset(_read_options(data_cfg))), num_batches, batch, s,
+                           np.float32 if mean is not None else np.uint8)
+
+
+def _padded_batches(it, num_batches: int, batch: int, size: int, image_dtype) -> Iterator[dict]:
+    def pad(b: dict | None) -> dict:
+        m = 0 if b is None else len(b['valid'])
+        zeros = {'image': np.zeros((batch - m, size, size, 3), image_dtype), 'label': np.zeros(batch - m, np.int32),
+                 'index': np.zeros(batch - m, np.int32), 'valid': np.zeros(batch - m, np.bool_)}
+        return zeros if b is None else {k: np.concatenate([b[k], zeros[k]]) for k in zeros}
+
+    try:
+        for _ in range(num_batches):
+            b = next(it, None)
+            yield b if b is not None and len(b['valid']) == batch else pad(b)
+    finally:
+        it.close()
+
+
+def to_global(batch: dict, sharding_for: Callable[[str, np.ndarray], jax.sharding.Sharding]) -> dict:
+    """Process-local numpy batch -> global ``jax.Array`` s, entry by entry, with
+    ``jax.make_array_from_process_local_data(sharding_for(name, array), array)``."""
+    return {k: jax.make_array_from_process_local_data(sharding_for(k, v), np.asarray(v)) for k, v in batch.items()}
+
+
+__all__ = ['DataError', 'ImageFolder', 'default_data_config', 'get_builder', 'prepare', 'num_examples',
+           'steps_per_epoch', 'make_train_iterator', 'TrainIterator', 'make_eval_iterator', 'to_global', 'normalize', 'denormalize',
+           'decode_image', 'random_resized_crop_box', 'AttachIndex', 'RandomResizedCropFlip', 'CenterCrop']

@@ -1,0 +1,130 @@
+"""One masking interface for every strategy.
+
+A strategy turns ``(rng, batch, aux)`` into a per-token priority score ``[B, N]``.
+:func:`partition` ranks the scores once with ``jax.lax.top_k`` and cuts the order into
+three index arrays of static sizes:
+
+    highest priority ... lowest priority
+    [ visible (encoder) | thrown (nowhere) | masked (decoder + loss) ]
+
+``aux`` is the strategy's device-resident state (a colour-noise bank, a per-example
+weight table, ...); it is passed into the jitted step as an argument so that it stays on
+the accelerator and is never baked into the program. Shapes are static, and all
+randomness comes from the ``rng`` key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Partition(NamedTuple):
+    """Token indices, each [B, K] int32, in descending priority."""
+    visible: jax.Array
+    thrown: jax.Array
+    masked: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    num_patches: int
+    visible: int
+    thrown: int
+    masked: int
+
+
+def counts(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -> Counts:
+    """Static token counts. masked = round(r*N) (MAE keeps int(N*(1-r)) visible; same for
+    the grids used here), thrown = round(t*N), visible = the rest, at least one."""
+    masked = int(round(num_patches * mask_ratio))
+    thrown = int(round(num_patches * throw_ratio))
+    visible = num_patches - masked - thrown
+    if visible < 1 or masked < 1:
+        raise ValueError(
+            f'mask_ratio={mask_ratio} and throw_ratio={throw_ratio} on {num_patches} patches leave '
+            f'{visible} visible and {masked} masked tokens; both must be at least 1 '
+            f'(keep mask_ratio + throw_ratio < 1 - 1/{num_patches}).')
+    return Counts(num_patches, visible, thrown, masked)
+
+
+def partition(scores: jax.Array, c: Counts) -> Partition:
+    """Split tokens by priority: the highest ``c.visible`` scores are visible, the next
+    ``c.thrown`` are thrown, the rest are masked."""
+    if scores.shape[-1] != c.num_patches:
+        raise ValueError(f'scores have {scores.shape[-1]} tokens, expected {c.num_patches}')
+    _, order = jax.lax.top_k(scores, c.num_patches)  # a full descending ranking
+    order = order.astype(jnp.int32)
+    return Partition(order[:, :c.visible], order[:, c.visible:c.visible + c.thrown], order[:, c.visible + c.thrown:])
+
+
+def masked_map(part: Partition, num_patches: int) -> jax.Array:
+    """[B, N] float mask: 1 where masked, 0 where visible, -1 where thrown (for pictures)."""
+    b = part.visible.shape[0]
+    m = jnp.zeros((b, num_patches), jnp.float32)
+    rows = jnp.arange(b)[:, None]
+    m = m.at[rows, part.masked].set(1.0)
+    return m.at[rows, part.thrown].set(-1.0)
+
+
+# --------------------------------------------------------------------------- strategies
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Base class. Subclasses override :meth:`scores` (and :meth:`init_aux` if they keep
+    device state). Instances are hashable and static under jit: one compiled step per
+    strategy."""
+    name: str
+    grid: int
+    mask_ratio: float
+    throw_ratio: float = 0.0
+
+    @property
+    def counts(self) -> Counts:
+        return counts(self.grid * self.grid, self.mask_ratio, self.throw_ratio)
+
+    def init_aux(self, rng: jax.Array) -> Any:
+        """Device-resident state; returned once, replicated on the mesh, passed to every step."""
+        return ()
+
+    def scores(self, rng: jax.Array, batch: dict, aux: Any) -> jax.Array:
+        raise NotImplementedError
+
+    def __call__(self, rng: jax.Array, batch: dict, aux: Any) -> Partition:
+        s = self.scores(rng, batch, aux)
+        return partition(s, self.counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomMasking(Strategy):
+    """MAE's random masking: uniform scores, a fresh permutation per sample."""
+
+    def scores(self, rng, batch, aux):
+        b = batch['image'].shape[0]
+        return jax.random.uniform(rng, (b, self.grid * self.grid))
+
+
+# name -> factory(name, grid, mask_cfg) -> Strategy. Later strategies register here.
+_REGISTRY: dict[str, Callable[[str, int, Any], Strategy]] = {
+    'random': lambda name, grid, cfg: RandomMasking(name, grid, cfg.ratio, cfg.get('throw_ratio', 0.0)),
+}
+
+
+def register(name: str, factory: Callable[[str, int, Any], Strategy]) -> None:
+    _REGISTRY[name] = factory
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(mask_cfg, grid: int, name: str | None = None) -> Strategy:
+    """Build a strategy from ``config.mask``. ``name`` overrides ``mask_cfg.strategy``
+    (used by epoch schedules)."""
+    name = name or mask_cfg.strategy
+    if name not in _REGISTRY:
+        raise ValueError(f'mask.strategy={name!r} is unknown; valid: {names()}')
+    return _REGISTRY[name](name, grid, mask_cfg)

@@ -1,0 +1,38 @@
+r"""MAE pre-training on CIFAR-10 (a JPEG folder or the TFDS dataset).
+
+  python -m colormae_jax.main --config configs/cifar10.py:mask=random,variant=Ti/4 --workdir /tmp/mae
+  python -m colormae_jax.main --config configs/cifar10.py:smoke --workdir /tmp/mae_smoke
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from colormae_jax.config_lib import parse_arg  # noqa: E402
+import common  # noqa: E402
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, mask='random', variant='Ti/4', smoke=False, root='../shared/data/cifar10')
+    c = common.base_config()
+    c.data.root = a.root
+    c.data.image_size = 32
+    c.model.variant = a.variant
+    c.model.decoder.update(width=128, depth=4, heads=4)
+    c.mask.strategy = a.mask
+    c.batch_size = 256
+    c.total_epochs = 200.0
+    c.warmup_epochs = 10.0
+    c.image_summary_every_epochs = 10.0
+    c.ckpt.every_steps = 1000
+    if a.smoke:  # a few steps of a tiny model: tests and the quick start
+        c.model.variant = 'mu/4' if a.variant == 'Ti/4' else a.variant
+        c.model.decoder.update(width=32, depth=1, heads=2)
+        c.batch_size = 32
+        c.base_lr = 1e-2  # lr 1.25e-3: the loss visibly falls within 20 steps
+        c.total_steps = 20
+        c.warmup_steps = 2
+        c.log_every_steps = 5
+        c.image_summary_every_epochs = 0.01
+        c.image_summary_count = 4
+        c.ckpt.every_steps = 10
+    return c

@@ -1,0 +1,54 @@
+"""Defaults shared by every pre-training config."""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(dict(
+        source='folder',            # 'folder': <root>/<split>/<class>/*.jpg; 'tfds': a prepared array_record dataset
+        root='',                    # for 'folder'
+        name='',                    # for 'tfds', e.g. 'imagenet2012'
+        data_dir='',                # where array_record files live ('' -> ~/tensorflow_datasets)
+        split='train',
+        image_size=224,
+        crop_scale=(0.2, 1.0),      # RandomResizedCrop scale, as in MAE
+        hflip=True,
+        mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
+        std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
+        normalize_on='device',      # 'device': uint8 crosses to the accelerator, 4x fewer bytes
+        num_workers=0,              # grain worker processes (0: in the main process)
+    ))
+
+    c.model = ml_collections.ConfigDict(dict(
+        variant='B/16',
+        decoder=ml_collections.ConfigDict(dict(width=512, depth=8, heads=16)),
+        norm_pix_loss=True,
+        compute_dtype='float32',    # 'bfloat16' computes in bf16; params stay float32
+        attn_impl='auto',           # 'auto' | 'xla' | 'cudnn' (jax.nn.dot_product_attention) | 'einsum'
+    ))
+
+    c.mask = ml_collections.ConfigDict(dict(strategy='random', ratio=0.75, throw_ratio=0.0))
+
+    # Durations: *_steps, when set, overrides *_epochs.
+    c.batch_size = 4096
+    c.total_epochs = 800.0
+    c.total_steps = placeholder(int)
+    c.warmup_epochs = 40.0
+    c.warmup_steps = placeholder(int)
+    c.base_lr = 1.5e-4              # lr = base_lr * batch_size / 256
+    c.min_lr = 0.0
+    c.wd = 0.05
+    c.b1, c.b2 = 0.9, 0.95
+    c.grad_clip_norm = 0.0          # 0: off (MAE does not clip)
+
+    c.mesh = (('data', -1), ('fsdp', 1))  # (axis, size) pairs; -1: the remaining devices
+
+    c.log_every_steps = 50
+    c.image_summary_every_epochs = 10.0
+    c.image_summary_count = 8
+    c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+    c.nan_check = True
+    return c

@@ -1,0 +1,36 @@
+r"""MAE pre-training on ImageNet-1k with the paper recipe (ViT-B/16, decoder 8x512,
+batch 4096, 800 epochs, 40 warm-up, base lr 1.5e-4, AdamW (0.9, 0.95), wd 0.05).
+
+  python -m colormae_jax.main --config configs/imagenet.py:mask=random --workdir gs://BUCKET/mae_b16
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from colormae_jax.config_lib import parse_arg  # noqa: E402
+import common  # noqa: E402
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, mask='random', variant='B/16', smoke=False, data_dir='')
+    c = common.base_config()
+    c.data.source = 'tfds'
+    c.data.name = 'imagenet2012'
+    c.data.data_dir = a.data_dir
+    c.data.image_size = 224
+    c.data.num_workers = 16
+    c.model.variant = a.variant
+    c.model.compute_dtype = 'bfloat16'
+    c.mask.strategy = a.mask
+    c.ckpt.every_steps = 2000
+    if a.smoke:
+        c.data.image_size = 64
+        c.data.num_workers = 0
+        c.model.variant = 'mu/16'
+        c.model.decoder.update(width=32, depth=1, heads=2)
+        c.batch_size = 8
+        c.total_steps = 4
+        c.warmup_steps = 1
+        c.log_every_steps = 1
+        c.ckpt.every_steps = 2
+    return c

@@ -1,0 +1,152 @@
+"""The grain pipeline over a tiny image folder that the tests make."""
+import os
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from colormae_jax import data
+from helpers import make_folder
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp('d')
+    root = make_folder(base / 'imgs', per_class=10, size=None, splits=('train', 'test'), fmt='jpg')
+    c = data.default_data_config()
+    c.root, c.data_dir = root, str(base / 'tfds')
+    data.prepare(c)
+    return c
+
+
+def test_prepare_and_read_back(prepared):
+    b = data.prepare(prepared)
+    assert b.info.splits['train'].num_examples == 20 and b.info.splits['test'].num_examples == 20
+    assert b.info.features['label'].names == ['cat', 'dog']
+    src = b.as_data_source('train')
+    ex = src[0]
+    assert ex['image'].dtype == np.uint8 and ex['image'].ndim == 3 and ex['image'].shape[2] == 3
+    assert data.steps_per_epoch(prepared, 8) == 2
+
+
+def test_batches_keys_dtypes(prepared):
+    it = data.make_train_iterator(prepared, global_batch_size=4, seed=0)
+    b = next(it)
+    assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.uint8
+    assert b['label'].dtype == np.int32 and b['index'].dtype == np.int32
+    assert b['crop'].shape == (4, 4) and b['flip'].dtype == np.bool_
+    assert np.all((b['crop'] >= 0) & (b['crop'] <= 1))
+    assert np.all(b['crop'][:, 0] + b['crop'][:, 2] <= 1 + 1e-6)
+    c = prepared.copy_and_resolve_references()
+    c.normalize_on = 'host'
+    h = next(data.make_train_iterator(c, global_batch_size=4, seed=0))
+    np.testing.assert_allclose(h['image'], data.normalize(b['image'], c.mean, c.std), rtol=1e-6)
+    it.close()
+
+
+def test_epochs_and_process_shards_cover_every_index(prepared):
+    seen = []
+    for p in range(2):
+        it = data.make_train_iterator(prepared, global_batch_size=4, seed=1, process_index=p, process_count=2)
+        epoch1 = np.concatenate([next(it)['index'] for _ in range(5)])  # 10 examples per process
+        epoch2 = np.concatenate([next(it)['index'] for _ in range(5)])
+        assert sorted(epoch1) == sorted(epoch2) and len(set(epoch1)) == 10
+        assert not np.array_equal(epoch1, epoch2)  # reshuffled every epoch
+        seen.append(set(epoch1.tolist()))
+        it.close()
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(20))
+    # The index is the example's position in the full split.
+    src = data.prepare(prepared).as_data_source('train')
+    it = data.make_train_iterator(prepared, global_batch_size=4, seed=1)
+    b = next(it)
+    assert [src[int(i)]['label'] for i in b['index']] == b['label'].tolist()
+    it.close()
+
+
+def test_determinism_and_checkpoint_state(prepared):
+    a = data.make_train_iterator(prepared, global_batch_size=4, seed=3)
+    b = data.make_train_iterator(prepared, global_batch_size=4, seed=3)
+    c = data.make_train_iterator(prepared, global_batch_size=4, seed=4)
+    xa, xb, xc = next(a), next(b), next(c)
+    np.testing.assert_array_equal(xa['image'], xb['image'])
+    assert not np.array_equal(xa['index'], xc['index'])
+    next(a)
+    state = a.get_state()
+    want = [next(a) for _ in range(3)]
+    d = data.make_train_iterator(prepared, global_batch_size=4, seed=3)
+    d.set_state(state)
+    for w in want:
+        got = next(d)
+        for k in w:
+            np.testing.assert_array_equal(got[k], w[k])
+    for x in (a, b, c, d):
+        x.close()
+
+
+def test_crop_and_flip_metadata_match_the_pixels(tmp_path):
+    root = tmp_path / 'half' / 'train' / 'x'
+    os.makedirs(root)
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, 32:] = 255  # left black, right white
+    Image.fromarray(img).save(root / 'a.png')
+    c = data.default_data_config()
+    c.root, c.data_dir, c.image_size = str(tmp_path / 'half'), str(tmp_path / 'tfds'), 16
+    c.crop_scale = (1.0, 1.0)  # the whole image (after the aspect fallback) ...
+    it = data.make_train_iterator(c, global_batch_size=1, seed=0)
+    flips = set()
+    for _ in range(12):
+        b = next(it)
+        top, left, h, w = b['crop'][0]
+        left_px = left * 64
+        mid = 64 * (left + w / 2)  # source column that lands in the output's centre
+        out = b['image'][0].astype(float)
+        left_mean, right_mean = out[:, :4].mean(), out[:, -4:].mean()
+        if left_px < 30 and left_px + w * 64 > 34 and abs(mid - 32) < 8:
+            if b['flip'][0]:
+                assert left_mean > 200 and right_mean < 55
+            else:
+                assert left_mean < 55 and right_mean > 200
+            flips.add(bool(b['flip'][0]))
+    assert flips == {True, False}
+    it.close()
+
+
+def test_eval_iterator_pads_to_equal_batches(prepared):
+    counts = []
+    for p in range(2):
+        batches = list(data.make_eval_iterator(prepared, split='test', global_batch_size=6, process_index=p,
+                                               process_count=2))
+        assert all(b['image'].shape == (3, 32, 32, 3) for b in batches)
+        counts.append((len(batches), int(sum(b['valid'].sum() for b in batches))))
+    assert counts == [(4, 10), (4, 10)]
+
+
+def test_worker_processes_are_deterministic(prepared):
+    c = prepared.copy_and_resolve_references()
+    c.num_workers = 1
+    it = data.make_train_iterator(c, global_batch_size=4, seed=5)
+    ref = data.make_train_iterator(prepared, global_batch_size=4, seed=5)
+    for _ in range(2):
+        np.testing.assert_array_equal(next(it)['image'], next(ref)['image'])
+    it.close()
+    ref.close()
+
+
+def test_bad_input_errors(tmp_path, prepared):
+    c = data.default_data_config()
+    c.root, c.data_dir = str(tmp_path / 'missing'), str(tmp_path / 'tfds')
+    with pytest.raises(data.DataError, match='is not a directory'):
+        data.prepare(c)
+    bad = tmp_path / 'bad' / 'train' / 'x'
+    os.makedirs(bad)
+    (bad / 'broken.jpg').write_bytes(b'not a jpeg at all')
+    c.root = str(tmp_path / 'bad')
+    with pytest.raises(data.DataError, match='cannot read image .*broken.jpg'):
+        data.prepare(c)
+    t = data.default_data_config()
+    t.source, t.name, t.data_dir = 'tfds', 'cifar10', str(tmp_path / 'empty')
+    with pytest.raises(data.DataError, match="'cifar10' is not prepared under .*tfds build cifar10"):
+        data.prepare(t)
+    with pytest.raises(data.DataError, match='batch_size=5 is not divisible by the 2 processes'):
+        data.make_train_iterator(prepared, global_batch_size=5, seed=0, process_count=2)
