@@ -24,6 +24,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the best is report
 _TORCH_REF = flags.DEFINE_string('torch_ref', '../shared/bench/torch_mae_ref.py', 'PyTorch reference script.')
 _NO_TORCH = flags.DEFINE_bool('no_torch', False, 'Skip the PyTorch reference.')
 _OUT = flags.DEFINE_string('out', '', 'Write the JSON here too.')
+_INPUT_BATCHES = flags.DEFINE_integer('input_batches', 0, 'Also time the grain input pipeline alone over this '
+                                      'many batches of the config\'s data (0: skip).')
 
 
 def time_jax(config) -> dict:
@@ -64,6 +66,24 @@ def time_jax(config) -> dict:
             'mem_kind': mem_kind, 'compile_and_warmup_s': round(warm_s, 1), 'loss': float(m['loss'])}
 
 
+def time_input(config) -> dict | None:
+    """The grain pipeline alone (decode, RandomResizedCrop, flip, batch), in img/s."""
+    if not _INPUT_BATCHES.value:
+        return None
+    from colormae_jax import data
+    it = data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
+    try:
+        next(it)  # workers started, first batch in
+        t0 = time.perf_counter()
+        for _ in range(_INPUT_BATCHES.value):
+            next(it)
+        dt = time.perf_counter() - t0
+    finally:
+        it.close()
+    return {'batches': _INPUT_BATCHES.value, 'batch': config.batch_size, 'workers': config.data.num_workers,
+            'img_per_s': round(_INPUT_BATCHES.value * config.batch_size / dt, 1)}
+
+
 def time_torch(config) -> dict | None:
     from colormae_jax import model
     if _NO_TORCH.value or not os.path.exists(_TORCH_REF.value):
@@ -93,6 +113,9 @@ def main(argv):
     result = {'variant': config.model.variant, 'image_size': config.data.image_size,
               'decoder': dict(config.model.decoder), 'compute_dtype': config.model.compute_dtype,
               'mask_ratio': config.mask.ratio, 'results': rows}
+    inp = time_input(config)
+    if inp:
+        result['input_pipeline'] = inp
     if len(rows) == 2:
         result['speedup_vs_torch'] = round(rows[0]['img_per_s'] / rows[1]['img_per_s'], 3)
     print(f"\n{config.model.variant} @ {config.data.image_size}px, decoder {dict(config.model.decoder)}, "
@@ -102,6 +125,8 @@ def main(argv):
         print(f"{r['impl']:<16}{str(r['device']):<28}{r['step_ms']:>10}{r['img_per_s']:>10}{str(r['mem_gb']):>9}")
     if 'speedup_vs_torch' in result:
         print(f"ratio (ours / torch): {result['speedup_vs_torch']}")
+    if inp:
+        print(f"input pipeline: {inp['img_per_s']} img/s ({inp['workers']} workers, batch {inp['batch']})")
     print(json.dumps(result))
     if _OUT.value:
         os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
