@@ -55,6 +55,7 @@ def time_jax(config) -> dict:
             state, m = step(state, batch, aux)
         jax.block_until_ready(m)
         best = min(best, (time.perf_counter() - t0) / _STEPS.value)
+    mask_ms = time_mask(strategy, batch, aux)
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
@@ -63,7 +64,20 @@ def time_jax(config) -> dict:
         mem, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 'host RSS peak'
     return {'impl': 'colormae_jax', 'device': f'{jax.device_count()}x {dev.device_kind}', 'batch': n,
             'step_ms': round(best * 1e3, 2), 'img_per_s': round(n / best, 1), 'mem_gb': round(mem, 2),
-            'mem_kind': mem_kind, 'compile_and_warmup_s': round(warm_s, 1), 'loss': float(m['loss'])}
+            'mem_kind': mem_kind, 'compile_and_warmup_s': round(warm_s, 1), 'loss': float(m['loss']),
+            'mask': strategy.name, 'mask_ms': round(mask_ms, 3), 'mask_share': round(mask_ms / (best * 1e3), 5)}
+
+
+def time_mask(strategy, batch, aux, repeats: int = 20) -> float:
+    """ms to make one batch's masks (scores + top_k partition) alone, jitted."""
+    import jax
+    f = jax.jit(lambda k, b, a: strategy(k, b, a))
+    jax.block_until_ready(f(jax.random.PRNGKey(0), batch, aux))
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        out = f(jax.random.PRNGKey(i), batch, aux)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / repeats * 1e3
 
 
 def time_input(config) -> dict | None:
@@ -120,9 +134,10 @@ def main(argv):
         result['speedup_vs_torch'] = round(rows[0]['img_per_s'] / rows[1]['img_per_s'], 3)
     print(f"\n{config.model.variant} @ {config.data.image_size}px, decoder {dict(config.model.decoder)}, "
           f"batch {config.batch_size}, {config.model.compute_dtype}")
-    print(f"{'impl':<16}{'device':<28}{'step ms':>10}{'img/s':>10}{'mem GB':>9}")
+    print(f"{'impl':<16}{'device':<28}{'step ms':>10}{'img/s':>10}{'mem GB':>9}{'mask ms':>9}")
     for r in rows:
-        print(f"{r['impl']:<16}{str(r['device']):<28}{r['step_ms']:>10}{r['img_per_s']:>10}{str(r['mem_gb']):>9}")
+        print(f"{r['impl']:<16}{str(r['device']):<28}{r['step_ms']:>10}{r['img_per_s']:>10}{str(r['mem_gb']):>9}"
+              f"{str(r.get('mask_ms', '')):>9}")
     if 'speedup_vs_torch' in result:
         print(f"ratio (ours / torch): {result['speedup_vs_torch']}")
     if inp:

@@ -4,7 +4,8 @@ Each step directory holds three items:
   state  - the train state (sharded arrays; restored onto the current mesh),
   data   - the grain iterator state (one file per process), so a resumed run sees
            exactly the batches it would have seen,
-  config - the run's config as JSON, to explain a mismatch in words.
+  config - the run's config as JSON, to explain a mismatch in words,
+and optional extra items, e.g. ``famt`` (the FAMT weight store, sharded per process).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+EXTRA_ITEMS = ('famt',)
 
 # Config keys that fix the shapes of the train state.
 SHAPE_KEYS = ('model.variant', 'model.decoder.width', 'model.decoder.depth', 'model.decoder.heads',
@@ -49,19 +52,22 @@ class Checkpointer:
                                                  create=True),
             item_handlers={'state': ocp.StandardCheckpointHandler(),
                            'data': grain.checkpoint.CheckpointHandler(),
-                           'config': ocp.JsonCheckpointHandler()},
+                           'config': ocp.JsonCheckpointHandler(),
+                           **{k: ocp.StandardCheckpointHandler() for k in EXTRA_ITEMS}},
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: Any, config: Any, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_iter: Any, config: Any, *, force: bool = False,
+             extra: dict | None = None) -> bool:
         args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(json.loads(config.to_json()))}
+        args.update({k: ocp.args.StandardSave(v) for k, v in (extra or {}).items()})
         if data_iter is not None:
             args['data'] = grain.checkpoint.CheckpointSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def check_compatible(self, step: int, abstract_state: Any, config: Any) -> None:
+    def check_compatible(self, step: int, abstract_state: Any, config: Any, extra: dict | None = None) -> None:
         """Raises CheckpointMismatch naming what differs between the checkpoint and the config."""
         where = f'{self.directory}/{step}'
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
@@ -80,21 +86,39 @@ class Checkpointer:
                          f'config needs {b if b is not None else "nothing"}')
         if len(differ) > len(shown):
             diffs.append(f'  ... and {len(differ) - len(shown)} more arrays (optimizer state included)')
+        metas = self.manager.item_metadata(step)
+        for name, abstract in (extra or {}).items():
+            have = metas.get(name) if hasattr(metas, 'get') else None
+            if have is None:
+                diffs.append(f'  {name}: the checkpoint has no {name!r} item, the config needs one')
+                continue
+            for p, x in jax.tree_util.tree_leaves_with_path(abstract):
+                m = dict((_keystr(q), v) for q, v in jax.tree_util.tree_leaves_with_path(have)).get(_keystr(p))
+                if m is not None and tuple(m.shape) != tuple(np.shape(x)):
+                    diffs.append(f'  {name}/{_keystr(p)}: checkpoint has {tuple(m.shape)}, config needs '
+                                 f'{tuple(np.shape(x))}' + (' (the FAMT weight store does not match the size of the '
+                                                             'dataset or the patch grid)' if name == 'famt' else ''))
         if diffs:
             raise CheckpointMismatch(
                 f'The checkpoint {where} does not match this config:\n' + '\n'.join(diffs) +
                 '\nUse a new --workdir for a different model, or restore the config the checkpoint was written with '
                 f'(saved in {where}/config).')
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any, config: Any) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iter: Any, config: Any,
+                extra: dict | None = None) -> Any:
         """Restores the state onto the shardings of ``abstract_state`` (ShapeDtypeStructs with
         shardings: resharding across meshes and process counts is orbax's job) and sets
-        ``data_iter`` in place."""
-        self.check_compatible(step, abstract_state, config)
+        ``data_iter`` in place. With ``extra`` ({item: abstract tree}), returns
+        ``(state, {item: restored tree})``."""
+        self.check_compatible(step, abstract_state, config, extra)
         args = {'state': ocp.args.StandardRestore(abstract_state)}
+        args.update({k: ocp.args.StandardRestore(v) for k, v in (extra or {}).items()})
         if data_iter is not None:
             args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
+        out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        if extra is None:
+            return out['state']
+        return out['state'], {k: out[k] for k in extra}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -84,12 +84,15 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
     _check(0 < ratio < 1, 'mask.ratio', f'must be in (0, 1), got {ratio}')
     throw = config.mask.get('throw_ratio', 0.0)
     _check(0 <= throw < 1, 'mask.throw_ratio', f'must be in [0, 1), got {throw}')
-    _check(config.mask.strategy in masking.names(), 'mask.strategy',
-           f'{config.mask.strategy!r} is unknown; valid: {masking.names()}')
     try:
         masking.counts((size // patch) ** 2, ratio, throw)
     except ValueError as e:
         raise ConfigError('mask.ratio', str(e)) from None
+    try:
+        for _, name in masking.parse_schedule(config.mask):
+            masking.create(config.mask, size // patch, name).check()
+    except masking.MaskConfigError as e:
+        raise ConfigError(e.key, str(e)) from None
     bs = config.batch_size
     _check(isinstance(bs, int) and bs > 0, 'batch_size', f'must be a positive int, got {bs!r}')
     _check(bs % num_devices == 0, 'batch_size',

@@ -389,6 +389,24 @@ class CenterCrop(grain.transforms.Map):
                 'valid': np.bool_(True)}
 
 
+class ResizeWhole(grain.transforms.Map):
+    """The whole image resized to ``size`` x ``size`` (bicubic, aspect not kept): the view
+    whose patch grid the training crop boxes are relative to (FAMT's weight pass)."""
+
+    def __init__(self, size: int, mean=None, std=None):
+        self.size, self.mean, self.std = int(size), mean, std
+
+    def map(self, element: dict) -> dict:
+        im = decode_image(element['image'])
+        if im.size != (self.size, self.size):
+            im = im.resize((self.size, self.size), Image.BICUBIC)
+        out = np.asarray(im, np.uint8)
+        if self.mean is not None:
+            out = normalize(out, self.mean, self.std)
+        return {'image': out, 'label': np.int32(element['label']), 'index': np.int32(element['index']),
+                'valid': np.bool_(True)}
+
+
 # ------------------------------------------------------------------------------ iterators
 
 def _per_process_batch(global_batch_size: int, process_count: int) -> int:
@@ -529,8 +547,9 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_
 
 
 def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[dict]:
-    """One pass over ``split`` in order, centre crops, no randomness.
+                       process_count: int = 1, view: str = 'center_crop') -> Iterator[dict]:
+    """One pass over ``split`` in order, no randomness: centre crops (``view='center_crop'``)
+    or whole images resized (``view='resize'``).
 
     Process p reads examples p, p + process_count, ...; every process yields the same number
     of full batches (``image``, ``label``, ``index``, ``valid``); padding rows are zeros with
@@ -545,7 +564,10 @@ def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int, process_
     mean, std = _host_norm(data_cfg)
     s = int(data_cfg.image_size)
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(n))[process_index::process_count]
-    ds = ds.map(CenterCrop(s, mean, std)).batch(batch, drop_remainder=False)
+    views = {'center_crop': CenterCrop, 'resize': ResizeWhole}
+    if view not in views:
+        raise DataError(f'view={view!r}; valid: {sorted(views)}')
+    ds = ds.map(views[view](s, mean, std)).batch(batch, drop_remainder=False)
     return _padded_batches(iter(ds.to_iter_dataset(_read_options(data_cfg))), num_batches, batch, s,
                            np.float32 if mean is not None else np.uint8)
 
@@ -573,4 +595,4 @@ def to_global(batch: dict, sharding_for: Callable[[str, np.ndarray], jax.shardin
 
 __all__ = ['DataError', 'ImageFolder', 'default_data_config', 'get_builder', 'prepare', 'num_examples',
            'steps_per_epoch', 'make_train_iterator', 'TrainIterator', 'make_eval_iterator', 'to_global', 'normalize', 'denormalize',
-           'decode_image', 'random_resized_crop_box', 'AttachIndex', 'RandomResizedCropFlip', 'CenterCrop']
+           'decode_image', 'random_resized_crop_box', 'AttachIndex', 'RandomResizedCropFlip', 'CenterCrop', 'ResizeWhole']

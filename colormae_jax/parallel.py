@@ -54,6 +54,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
+def batch_spec(mesh: Mesh) -> P:
+    return P(batch_axes(mesh))
+
+
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order, as numpy."""
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, batch_spec(mesh)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

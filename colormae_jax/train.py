@@ -219,9 +219,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | 
         raise config_lib.ConfigError('batch_size', f'{config.batch_size} is larger than the dataset '
                                                    f'({data.num_examples(config.data)} examples)')
     t = make_trainer(config, mesh, spe)
-    strategy = masking.create(config.mask, t.mae.grid)
-    aux = jax.device_put(strategy.init_aux(jax.random.PRNGKey(config.seed + 1)), parallel.replicated(mesh))
-    aux_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), aux)
+    phases = MaskPhases(t)
 
     workdir = os.path.abspath(workdir) if '://' not in workdir else workdir
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.ckpt.keep,
@@ -232,22 +230,115 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | 
     try:
         start = ckpt.latest_step()
         if start is not None:
-            state = ckpt.restore(start, t.abstract_state, it, config)
+            extra = phases.abstract_extra()
+            state, restored = ckpt.restore(start, t.abstract_state, it, config, extra=extra)
+            phases.load_extra(restored)
             logging.info('Resumed from %s at step %d.', ckpt.directory, start)
         else:
             state, start = init_state(t), 0
             writer.write_hparams({k: str(v) for k, v in ckpt_lib._flat(config.to_dict()).items()})
-        return _loop(t, strategy, aux, aux_sharding, state, start, it, ckpt, writer, stop_after)
+        return _loop(t, phases, state, start, it, ckpt, writer, stop_after)
     finally:
         it.close()
         ckpt.close()
         writer.flush()
 
 
-def _loop(t: Trainer, strategy, aux, aux_sharding, state, start, it, ckpt, writer, stop_after) -> dict:
+class MaskPhases:
+    """The masking schedule (``config.mask.schedule``): which strategy runs at each step.
+
+    Each strategy's device state (``aux``: a noise bank, ...) is built, and its step
+    compiled, the first time the strategy is needed, and cached: a schedule that switches
+    strategies compiles the step once per strategy, never more.
+    """
+
+    def __init__(self, t: Trainer):
+        self.t = t
+        self.starts, self.strategies = [], []
+        for i, (epoch, name) in enumerate(masking.parse_schedule(t.config.mask)):
+            start = int(round(epoch * t.steps_per_epoch))
+            if i and start >= t.total_steps:
+                raise config_lib.ConfigError('mask.schedule', f'{name!r} starts at epoch {epoch:g} (step {start}), at '
+                                                              f'or after the end of training (step {t.total_steps})')
+            self.starts.append(start)
+            self.strategies.append(masking.create(t.config.mask, t.mae.grid, name))
+        self._built: dict[masking.Strategy, tuple] = {}
+        self.store, self._weights_fn, self.update_steps = None, None, set()
+        famts = {s for s in self.strategies if getattr(s, 'uses_weight_store', False)}
+        if len(famts) > 1:
+            raise config_lib.ConfigError('mask.schedule', 'one FAMT setting per run')
+        if famts:
+            self.famt = famts.pop()
+            try:
+                self.famt.check_schedule(t.steps_per_epoch, t.total_steps)
+            except masking.MaskConfigError as e:
+                raise config_lib.ConfigError(e.key, str(e)) from None
+            self.update_steps = set(self.famt.update_steps(t.steps_per_epoch, t.total_steps))
+            self.store = masking.famt.WeightStore(
+                data.num_examples(t.config.data), t.mae.grid, jax.process_index(), jax.process_count(),
+                pad_to=len(t.mesh.local_devices))
+
+    # -- the FAMT weight store: checkpointed with the state, refreshed by its own jitted pass
+    def abstract_extra(self) -> dict | None:
+        return None if self.store is None else {'famt': self.store.abstract(self.t.mesh)}
+
+    def extra(self) -> dict | None:
+        return None if self.store is None else {'famt': self.store.to_global(self.t.mesh)}
+
+    def load_extra(self, restored: dict | None) -> None:
+        if self.store is not None:
+            self.store.load(restored['famt'], self.t.mesh)
+
+    def batch_fields(self, strategy: masking.Strategy, batch: dict) -> dict:
+        """Host-side additions to a process-local batch (the FAMT weights of its examples)."""
+        if getattr(strategy, 'uses_weight_store', False):
+            batch = dict(batch, **{masking.famt.WEIGHT_KEY: self.store.lookup(batch['index'])})
+        return batch
+
+    def maybe_update(self, step: int, params, writer) -> None:
+        """Before 0-based ``step``: recompute the FAMT weights if the schedule says so."""
+        if step not in self.update_steps or int(self.store.updated_at) == step:
+            return
+        t, f = self.t, self.famt
+        if self._weights_fn is None:
+            def weights(p, images):
+                encoder = nnx.merge(t.graphdef, p).encoder
+                x = prepare_images({'image': images}, t.config)
+                return masking.famt.weight_maps(encoder, x.astype(t.mae.dtype), patch=t.mae.patch,
+                                                freq_weight=f.freq_weight, freq_sigma=f.freq_sigma)
+            self._weights_fn = jax.jit(weights, out_shardings=parallel.batch_sharding(t.mesh))
+        bs = f.update_batch_size or t.config.batch_size
+        n_local = math.ceil(self.store.num_examples / jax.process_count())
+        batches = data.make_eval_iterator(t.config.data, split=t.config.data.split, global_batch_size=bs,
+                                          process_index=jax.process_index(), process_count=jax.process_count(),
+                                          view='resize')
+        secs = masking.famt.update_pass(self.store, functools.partial(self._weights_fn, params), batches, t.mesh,
+                                        show_progress=jax.process_index() == 0,
+                                        total=math.ceil(n_local / (bs // jax.process_count())))
+        self.store.updated_at = np.asarray(step, np.int64)
+        logging.info('FAMT weights of %d examples updated before step %d (epoch %.1f) in %.1f s.',
+                     self.store.num_examples, step + 1, step / t.steps_per_epoch, secs)
+        writer.write_scalars(step, {'famt/update_seconds': secs})
+
+    def index(self, step: int) -> int:
+        """The phase of 0-based ``step``."""
+        return max(i for i, s in enumerate(self.starts) if s <= step)
+
+    def get(self, i: int) -> tuple[masking.Strategy, Any, Callable, Callable]:
+        """(strategy, aux, step_fn, recon_fn) of phase ``i``."""
+        t, strategy = self.t, self.strategies[i]
+        if strategy not in self._built:  # a strategy that comes back reuses its bank and its compiled step
+            rep = parallel.replicated(t.mesh)
+            key = jax.random.fold_in(jax.random.PRNGKey(t.config.seed + 1), self.strategies.index(strategy))
+            aux = jax.device_put(strategy.init_aux(key), rep)
+            step_fn = compile_step(t, strategy, jax.tree.map(lambda _: rep, aux))
+            recon_fn = jax.jit(functools.partial(reconstruct, t=t, strategy=strategy), out_shardings=rep)
+            self._built[strategy] = (strategy, aux, step_fn, recon_fn)
+        return self._built[strategy]
+
+
+def _loop(t: Trainer, phases: MaskPhases, state, start, it, ckpt, writer, stop_after) -> dict:
     config, mesh, spe = t.config, t.mesh, t.steps_per_epoch
-    step_fn = compile_step(t, strategy, aux_sharding)
-    recon_fn = jax.jit(functools.partial(reconstruct, t=t, strategy=strategy), out_shardings=parallel.replicated(mesh))
     progress = periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
                                                every_steps=config.log_every_steps, every_secs=None)
     bsh = parallel.batch_sharding(mesh)
@@ -260,7 +351,7 @@ def _loop(t: Trainer, strategy, aux, aux_sharding, state, start, it, ckpt, write
     else:
         logging.info('Training steps %d..%d of %d (%d steps/epoch, batch %d, mesh %s, mask %s).', start + 1, end,
                      t.total_steps, spe, config.batch_size, dict(zip(mesh.axis_names, mesh.devices.shape)),
-                     strategy.name)
+                     config.mask.schedule or config.mask.strategy)
 
     def flush(step):
         nonlocal pending, data_wait
@@ -275,12 +366,19 @@ def _loop(t: Trainer, strategy, aux, aux_sharding, state, start, it, ckpt, write
         writer.write_scalars(step, last)
         pending, data_wait = [], 0.0
 
-    step = start
+    step, phase = start, None
     with _Preemption() as preempt:
         for step in range(start + 1, end + 1):
+            if phases.index(step - 1) != phase:
+                phase = phases.index(step - 1)
+                strategy, aux, step_fn, recon_fn = phases.get(phase)
+                logging.info('Masking with %r from step %d (epoch %.2f).', strategy.name, step, (step - 1) / spe)
+            if phases.store is not None:
+                with progress.timed('famt_update'):
+                    phases.maybe_update(step - 1, state['params'], writer)
             with progress.timed('data', wait_jax_async_dispatch=False):
                 t0 = time.perf_counter()
-                batch = data.to_global(next(it), lambda name, x: bsh)
+                batch = data.to_global(phases.batch_fields(strategy, next(it)), lambda name, x: bsh)
                 data_wait += time.perf_counter() - t0
             if img_every and (step - 1) % img_every == 0:
                 pics = recon_fn(state['params'], batch, aux, jnp.asarray(step - 1, jnp.int32))
@@ -293,7 +391,7 @@ def _loop(t: Trainer, strategy, aux, aux_sharding, state, start, it, ckpt, write
                 flush(step)
             if step % config.ckpt.every_steps == 0 or step == t.total_steps or preempt.requested:
                 flush(step)  # a state that follows a non-finite step is never saved
-                ckpt.save(step, state, it, config, force=True)
+                ckpt.save(step, state, it, config, force=True, extra=phases.extra())
             if preempt.requested:
                 logging.warning('Saved step %d after SIGTERM; exiting.', step)
                 break

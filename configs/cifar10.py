@@ -18,7 +18,7 @@ def get_config(arg=None):
     c.data.image_size = 32
     c.model.variant = a.variant
     c.model.decoder.update(width=128, depth=4, heads=4)
-    c.mask.strategy = a.mask
+    common.set_mask(c, a.mask)
     c.batch_size = 256
     c.total_epochs = 200.0
     c.warmup_epochs = 10.0
@@ -35,4 +35,6 @@ def get_config(arg=None):
         c.image_summary_every_epochs = 0.01
         c.image_summary_count = 4
         c.ckpt.every_steps = 10
+        c.mask.famt.update(warmup_steps=10, update_every_steps=10)  # FAMT: one weight update, before step 11
+        c.mask.famt.update_batch_size = 256
     return c

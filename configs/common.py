@@ -30,7 +30,32 @@ def base_config() -> ml_collections.ConfigDict:
         attn_impl='auto',           # 'auto' | 'xla' | 'cudnn' (jax.nn.dot_product_attention) | 'einsum'
     ))
 
-    c.mask = ml_collections.ConfigDict(dict(strategy='random', ratio=0.75, throw_ratio=0.0))
+    c.mask = ml_collections.ConfigDict(dict(
+        strategy='random',          # 'random' | 'red' | 'blue' | 'green' | 'purple' | 'famt'
+        ratio=0.75,
+        throw_ratio=0.0,
+        schedule='',                # switch by epoch, e.g. 'green,blue@200' (overrides strategy)
+        # ColorMAE noise banks (colour strategies); sigmas in patch-grid cells, see docs/design.md
+        noise=ml_collections.ConfigDict(dict(
+            bank_size=1024,         # patterns L in the bank (the official banks hold 3072)
+            side=0,                 # pattern side S (>= the patch grid); 0: max(64, 2 * grid)
+            sigma=1.5,              # red (low-pass) and blue (high-pass)
+            sigma1=0.8,             # green = G_sigma1 * W - G_sigma2 * W; purple = W - green
+            sigma2=2.0,
+            path='',                # an .npz bank [L, H, W] instead of generating; '{colour}' is substituted
+        )),
+        # FAMT (mask.strategy='famt'); its configs set ratio 0.45 and throw_ratio 0.40 (AMT's setting)
+        famt=ml_collections.ConfigDict(dict(
+            warmup_epochs=40.0,     # uniform weights (random masking and throwing) before the first update
+            update_every_epochs=40.0,  # recompute the per-example weights this often after that
+            freq_weight=0.5,        # 0: attention only, 1: frequency only (docs/design.md)
+            freq_sigma=0.5,         # Gaussian low-pass std, in patches
+            min_weight=1e-3,        # weights are floored here (relative to the image's max) before sampling
+            update_batch_size=0,    # the update pass's global batch (0: batch_size)
+            warmup_steps=placeholder(int),        # in steps, overriding the epoch values when set
+            update_every_steps=placeholder(int),
+        )),
+    ))
 
     # Durations: *_steps, when set, overrides *_epochs.
     c.batch_size = 4096
@@ -52,3 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
     c.nan_check = True
     return c
+
+
+def set_mask(c: ml_collections.ConfigDict, mask: str) -> None:
+    """``get_config('mask=...')``: the strategy, with FAMT's ratios (AMT: mask 0.45, throw 0.40)."""
+    c.mask.strategy = mask
+    if mask == 'famt':
+        c.mask.ratio, c.mask.throw_ratio = 0.45, 0.40

@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.data.num_workers = 16
     c.model.variant = a.variant
     c.model.compute_dtype = 'bfloat16'
-    c.mask.strategy = a.mask
+    common.set_mask(c, a.mask)
     c.ckpt.every_steps = 2000
     if a.smoke:
         c.data.image_size = 64
@@ -33,4 +33,5 @@ def get_config(arg=None):
         c.warmup_steps = 1
         c.log_every_steps = 1
         c.ckpt.every_steps = 2
+        c.mask.famt.update(warmup_steps=2, update_every_steps=2)
     return c

@@ -43,7 +43,7 @@ def test_config_arg_parsing():
     ('mask.ratio', 0.0, r'config.mask.ratio: must be in \(0, 1\)'),
     ('mask.throw_ratio', 0.25, 'config.mask.ratio: .*leave 0 visible'),
     ('batch_size', 30, 'config.batch_size: 30 is not divisible by the 4 devices'),
-    ('mask.strategy', 'purple-ish', "config.mask.strategy: 'purple-ish' is unknown; valid: \\['random'"),
+    ('mask.strategy', 'purple-ish', "config.mask.strategy: 'purple-ish' is unknown; valid: \\['blue', 'green'"),
     ('data.root', '/nonexistent/cifar', "config.data.root: '/nonexistent/cifar' is not a directory"),
     ('data.split', 'val', 'config.data.split: .*does not exist; the splits'),
     ('mesh', (('data', 3),), 'config.mesh: .*does not fit 4 devices'),

@@ -22,6 +22,14 @@ import jax
 import jax.numpy as jnp
 
 
+class MaskConfigError(ValueError):
+    """A ``config.mask`` value is wrong; ``key`` names it (turned into a ConfigError)."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(msg)
+        self.key = key
+
+
 class Partition(NamedTuple):
     """Token indices, each [B, K] int32, in descending priority."""
     visible: jax.Array
@@ -86,6 +94,9 @@ class Strategy:
     def counts(self) -> Counts:
         return counts(self.grid * self.grid, self.mask_ratio, self.throw_ratio)
 
+    def check(self) -> None:
+        """Raises :class:`MaskConfigError` for settings that cannot work (before compiling)."""
+
     def init_aux(self, rng: jax.Array) -> Any:
         """Device-resident state; returned once, replicated on the mesh, passed to every step."""
         return ()
@@ -126,5 +137,32 @@ def create(mask_cfg, grid: int, name: str | None = None) -> Strategy:
     (used by epoch schedules)."""
     name = name or mask_cfg.strategy
     if name not in _REGISTRY:
-        raise ValueError(f'mask.strategy={name!r} is unknown; valid: {names()}')
+        raise MaskConfigError('mask.strategy', f'{name!r} is unknown; valid: {names()}')
     return _REGISTRY[name](name, grid, mask_cfg)
+
+
+def parse_schedule(mask_cfg) -> list[tuple[float, str]]:
+    """``config.mask.schedule`` -> [(start_epoch, strategy), ...], sorted, starting at 0.
+
+    ``'green,blue@200'`` is green from epoch 0 and blue from epoch 200 (ColorMAE's epoch
+    hook). An empty schedule is ``mask.strategy`` throughout.
+    """
+    text = (mask_cfg.get('schedule', '') or '').strip()
+    if not text:
+        return [(0.0, mask_cfg.strategy)]
+    out = []
+    for i, item in enumerate(t.strip() for t in text.split(',')):
+        name, at, epoch = item.partition('@')
+        try:
+            start = float(epoch) if at else 0.0
+        except ValueError:
+            raise MaskConfigError('mask.schedule', f'{item!r}: expected NAME or NAME@EPOCH, e.g. '
+                                                   f"'green,blue@200'") from None
+        if name not in _REGISTRY:
+            raise MaskConfigError('mask.schedule', f'{name!r} is unknown; valid: {names()}')
+        if (i == 0) != (start == 0):
+            raise MaskConfigError('mask.schedule', f'the first entry starts at epoch 0 and only the first; got {text!r}')
+        if out and start <= out[-1][0]:
+            raise MaskConfigError('mask.schedule', f'epochs must increase; got {text!r}')
+        out.append((start, name))
+    return out

@@ -1,0 +1,268 @@
+"""FAMT: Frequency- and Attention-driven Masking and Throwing (Gui et al., IEEE TIP 2025).
+
+Three parts:
+
+* :func:`weight_maps` (jitted in :func:`update_pass`): per image, the encoder's last-block
+  [CLS]-to-patch attention on the whole (resized, unmasked) image, min-max normalised per
+  head and averaged over heads, fused with a frequency map computed with ``jnp.fft``: the
+  per-patch energy of a Gaussian low-passed view of the image (see docs/design.md for the
+  reading and the alternatives). ``freq_weight`` 0 is attention alone, 1 frequency alone.
+* :class:`WeightStore`: the per-example table of those maps over the patch grid, on the
+  host of each process (only its own examples), indexed by the dataset index the pipeline
+  carries, looked up per batch and checkpointed with the train state.
+* :class:`FAMTMasking`: in the jitted step, the map is resampled onto the training crop
+  (box and flip from the pipeline), and a weighted order of the patches without
+  replacement is drawn by Gumbel top-k. The first ``mask_ratio N`` drawn are masked, the
+  next ``throw_ratio N`` thrown (they enter neither encoder, decoder nor loss), the rest are
+  visible. Before the first update the table is uniform, i.e. random masking (and throwing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from colormae_jax import parallel
+from colormae_jax.masking import core
+
+WEIGHT_KEY = 'famt_weight'  # the batch entry the loop adds: [B, N] weights over the whole image
+
+
+# ----------------------------------------------------------------------------- weight maps
+
+def minmax(x: jax.Array, axis=-1, eps: float = 1e-12) -> jax.Array:
+    lo = x.min(axis=axis, keepdims=True)
+    hi = x.max(axis=axis, keepdims=True)
+    return (x - lo) / jnp.maximum(hi - lo, eps)
+
+
+def attention_map(cls_attn: jax.Array) -> jax.Array:
+    """[B, heads, N] [CLS]-to-patch attention -> [B, N]: min-max per head, mean over heads."""
+    return minmax(cls_attn.astype(jnp.float32), axis=-1).mean(axis=1)
+
+
+def lowpass(images: jax.Array, sigma: float) -> jax.Array:
+    """Gaussian low-pass of ``images`` [B, H, W, C] (std ``sigma`` pixels), applied with the FFT
+    (periodic boundaries)."""
+    _, h, w, _ = images.shape
+    fy = jnp.fft.fftfreq(h)[:, None]
+    fx = jnp.fft.rfftfreq(w)[None, :]
+    g = jnp.exp(-2.0 * (jnp.pi * sigma) ** 2 * (fx ** 2 + fy ** 2))
+    spec = jnp.fft.rfft2(images.astype(jnp.float32), axes=(1, 2))
+    return jnp.fft.irfft2(spec * g[None, :, :, None], s=(h, w), axes=(1, 2))
+
+
+def frequency_map(images: jax.Array, patch: int, sigma: float) -> jax.Array:
+    """[B, H, W, C] -> [B, N]: per patch, the energy of the low-passed view around its image
+    mean (where the coarse structure departs from the average colour), min-max normalised."""
+    low = lowpass(images, sigma)
+    low = low - low.mean(axis=(1, 2), keepdims=True)
+    b, h, w, c = low.shape
+    e = jnp.square(low).reshape(b, h // patch, patch, w // patch, patch, c).mean(axis=(2, 4, 5))
+    return minmax(e.reshape(b, -1))
+
+
+def fuse(attn: jax.Array, freq: jax.Array, freq_weight: float) -> jax.Array:
+    """Convex combination of two [B, N] maps, each in [0, 1]."""
+    return (1.0 - freq_weight) * attn + freq_weight * freq
+
+
+def weight_maps(encoder, images: jax.Array, *, patch: int, freq_weight: float, freq_sigma: float) -> jax.Array:
+    """The FAMT weight map [B, N] of whole, normalised images [B, H, W, C]."""
+    attn = attention_map(encoder.cls_attention(images)) if freq_weight < 1 else 0.0
+    freq = frequency_map(images, patch, freq_sigma * patch) if freq_weight > 0 else 0.0
+    return fuse(attn, freq, freq_weight)
+
+
+# ----------------------------------------------------------------------------- alignment
+
+def align(wmap: jax.Array, crop: jax.Array, flip: jax.Array, out_grid: int) -> jax.Array:
+    """Resamples whole-image maps onto training crops.
+
+    wmap [B, g, g] over the whole image; crop [B, 4] = (top, left, height, width) relative to
+    the image; flip [B] (the crop was flipped left-right after resizing). Returns
+    [B, out_grid, out_grid]: for each training patch, the map bilinearly interpolated at the
+    patch centre's position in the whole image.
+    """
+    g = wmap.shape[-1]
+    u = (jnp.arange(out_grid, dtype=jnp.float32) + 0.5) / out_grid  # patch centres in the crop, [0, 1]
+
+    def one(m, box, fl):
+        top, left, h, w = box[0], box[1], box[2], box[3]
+        ux = jnp.where(fl, 1.0 - u, u)
+        ys = (top + u * h) * g - 0.5  # map cell c has its centre at (c + 0.5) / g
+        xs = (left + ux * w) * g - 0.5
+        yy, xx = jnp.meshgrid(ys, xs, indexing='ij')
+        return jax.scipy.ndimage.map_coordinates(m, [yy, xx], order=1, mode='nearest')
+
+    return jax.vmap(one)(wmap, crop, flip)
+
+
+def gumbel_keys(rng: jax.Array, weights: jax.Array, floor: float) -> jax.Array:
+    """log w + Gumbel noise: sorting these in descending order draws a weighted order
+    without replacement (the Gumbel top-k trick). Weights below ``floor`` count as ``floor``."""
+    logw = jnp.log(jnp.maximum(weights, floor))
+    return logw + jax.random.gumbel(rng, weights.shape, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- the strategy
+
+@dataclasses.dataclass(frozen=True)
+class FAMTMasking(core.Strategy):
+    """Weighted masking and throwing; needs ``batch[WEIGHT_KEY]`` (else: uniform weights)."""
+    warmup_epochs: float = 40.0
+    update_every_epochs: float = 40.0
+    freq_weight: float = 0.5
+    freq_sigma: float = 0.5
+    min_weight: float = 1e-3
+    update_batch_size: int = 0
+    warmup_steps: int | None = None        # override the epoch values when set
+    update_every_steps: int | None = None
+
+    uses_weight_store = True
+
+    def _first_and_every(self, steps_per_epoch: int) -> tuple[int, int]:
+        first = self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_epochs * steps_per_epoch))
+        every = (self.update_every_steps if self.update_every_steps is not None
+                 else int(round(self.update_every_epochs * steps_per_epoch)))
+        return first, every
+
+    def check(self) -> None:
+        if not 0 <= self.freq_weight <= 1:
+            raise core.MaskConfigError('mask.famt.freq_weight', f'must be in [0, 1] (0: attention only, 1: frequency '
+                                                                f'only), got {self.freq_weight}')
+        if not self.freq_sigma > 0:
+            raise core.MaskConfigError('mask.famt.freq_sigma', f'must be positive, got {self.freq_sigma}')
+        if not 0 < self.min_weight < 1:
+            raise core.MaskConfigError('mask.famt.min_weight', f'must be in (0, 1), got {self.min_weight}')
+        if self.warmup_epochs < 0:
+            raise core.MaskConfigError('mask.famt.warmup_epochs', f'must be >= 0, got {self.warmup_epochs}')
+        if not self.update_every_epochs > 0:
+            raise core.MaskConfigError('mask.famt.update_every_epochs',
+                                       f'must be positive, got {self.update_every_epochs}')
+        if self.mask_ratio + self.throw_ratio >= 1:
+            raise core.MaskConfigError('mask.throw_ratio', f'mask.ratio + mask.throw_ratio must be < 1, got '
+                                                           f'{self.mask_ratio} + {self.throw_ratio}')
+
+    def update_steps(self, steps_per_epoch: int, total_steps: int) -> list[int]:
+        """0-based steps before which the weights are recomputed."""
+        first, every = self._first_and_every(steps_per_epoch)
+        return list(range(first, total_steps, max(every, 1)))
+
+    def check_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        first, every = self._first_and_every(steps_per_epoch)
+        if every < 1:
+            raise core.MaskConfigError('mask.famt.update_every_epochs',
+                                       f'the update interval is {every} steps; it must be at least 1')
+        if every > total_steps:
+            raise core.MaskConfigError(
+                'mask.famt.update_every_epochs', f'the update interval ({every} steps: {self.update_every_epochs:g} '
+                f'epochs of {steps_per_epoch} steps, or mask.famt.update_every_steps) is longer than training '
+                f'({total_steps} steps); shorten it')
+        if first >= total_steps:
+            raise core.MaskConfigError(
+                'mask.famt.warmup_epochs', f'the first weight update would come at step {first}, after training ends '
+                f'(step {total_steps}); lower mask.famt.warmup_epochs (or mask.famt.warmup_steps)')
+
+    def scores(self, rng, batch, aux):
+        b = batch['image'].shape[0]
+        g = self.grid
+        if WEIGHT_KEY in batch:
+            w = batch[WEIGHT_KEY].astype(jnp.float32)
+            gw = int(round(math.sqrt(w.shape[-1])))
+            w = w.reshape(b, gw, gw)
+            if 'crop' in batch:
+                w = align(w, batch['crop'], batch['flip'], g)
+            elif gw != g:
+                raise ValueError(f'weights over a {gw}x{gw} grid need crop boxes to align with the {g}x{g} grid')
+            w = w.reshape(b, g * g)
+        else:
+            w = jnp.ones((b, g * g), jnp.float32)
+        w = w / jnp.maximum(w.max(axis=-1, keepdims=True), 1e-12)
+        # First drawn = highest key = masked. The partition keeps the highest *scores* visible
+        # and masks the lowest, so the score is the negated key.
+        return -gumbel_keys(rng, w, self.min_weight)
+
+
+def _factory(name: str, grid: int, cfg: Any) -> FAMTMasking:
+    f = cfg.get('famt', None)
+    get = (lambda k, d: f.get(k, d)) if f is not None else (lambda k, d: d)
+    return FAMTMasking(name, grid, cfg.ratio, cfg.get('throw_ratio', 0.0),
+                       warmup_epochs=float(get('warmup_epochs', 40.0)),
+                       update_every_epochs=float(get('update_every_epochs', 40.0)),
+                       freq_weight=float(get('freq_weight', 0.5)), freq_sigma=float(get('freq_sigma', 0.5)),
+                       min_weight=float(get('min_weight', 1e-3)), update_batch_size=int(get('update_batch_size', 0)),
+                       warmup_steps=get('warmup_steps', None), update_every_steps=get('update_every_steps', None))
+
+
+core.register('famt', _factory)
+
+
+# ----------------------------------------------------------------------------- the store
+
+class WeightStore:
+    """Per-example weight maps of this process's examples, on the host.
+
+    Process ``p`` of ``P`` reads examples ``p, p + P, ...``; example ``i`` lives in row
+    ``i // P``. Rows are padded to a multiple of ``pad_to`` (the local device count) so
+    that the table is a global array sharded over all devices for checkpointing.
+    """
+
+    def __init__(self, num_examples: int, grid: int, process_index: int = 0, process_count: int = 1,
+                 pad_to: int = 1):
+        self.num_examples, self.grid = num_examples, grid
+        self.process_index, self.process_count = process_index, process_count
+        rows = math.ceil(num_examples / process_count)
+        self.rows = math.ceil(rows / pad_to) * pad_to
+        self.table = np.ones((self.rows, grid * grid), np.float32)
+        self.updated_at = np.full((), -1, np.int64)  # the step of the last update (-1: uniform)
+
+    def rows_of(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index)
+        if (index % self.process_count != self.process_index).any():
+            raise ValueError('an example of another process reached this process\'s weight store')
+        return index // self.process_count
+
+    def lookup(self, index: np.ndarray) -> np.ndarray:
+        return self.table[self.rows_of(index)]
+
+    def write(self, index: np.ndarray, weights: np.ndarray, valid: np.ndarray | None = None) -> None:
+        index, weights = np.asarray(index), np.asarray(weights, np.float32)
+        if valid is not None:
+            index, weights = index[np.asarray(valid)], weights[np.asarray(valid)]
+        self.table[self.rows_of(index)] = weights
+
+    # -- checkpointing: a global array [process_count * rows, N], each process's rows on its
+    # own devices (sharded like a batch), so that every process saves and restores its part.
+    def to_global(self, mesh) -> dict:
+        table = multihost_utils.host_local_array_to_global_array(self.table, mesh, parallel.batch_spec(mesh))
+        return {'table': table, 'updated_at': self.updated_at}
+
+    def abstract(self, mesh) -> dict:
+        shape = (self.rows * self.process_count, self.grid * self.grid)
+        return {'table': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=parallel.batch_sharding(mesh)),
+                'updated_at': np.zeros((), np.int64)}
+
+    def load(self, restored: dict, mesh) -> None:
+        self.table = np.array(parallel.local_rows(restored['table'], mesh))
+        self.updated_at = np.asarray(restored['updated_at'], np.int64)
+
+
+def update_pass(store: WeightStore, weights_fn, batches, mesh, *, show_progress: bool,
+                total: int | None = None) -> float:
+    """Recomputes every row of ``store``. ``batches``: this process's examples, whole images,
+    padded (``data.make_eval_iterator(view='resize')``); ``weights_fn``: jitted, global images
+    -> global [B, N] maps. Returns the seconds taken."""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    sharding = parallel.batch_sharding(mesh)
+    for batch in tqdm(batches, total=total, desc='FAMT weight update', unit='batch', disable=not show_progress):
+        images = jax.make_array_from_process_local_data(sharding, batch['image'])
+        store.write(batch['index'], parallel.local_rows(weights_fn(images), mesh), batch['valid'])
+    return time.perf_counter() - t0

@@ -1,0 +1,195 @@
+"""FAMT: weighted sampling, counts, alignment with crops and flips, weight maps, throwing
+saves compute, the weight store, resume across an update, and bad input."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from colormae_jax import checkpoint, config_lib, data, masking, parallel, train
+from colormae_jax.masking import famt
+from helpers import make_folder, override, smoke_config
+
+
+def _cfg(**kw):
+    f = dict(warmup_epochs=40.0, update_every_epochs=40.0, freq_weight=0.5, freq_sigma=0.5, min_weight=1e-3,
+             update_batch_size=0, warmup_steps=None, update_every_steps=None)
+    f.update(kw)
+    return ml_collections.ConfigDict(dict(strategy='famt', ratio=0.45, throw_ratio=0.40, schedule='',
+                                          famt=ml_collections.ConfigDict(f)))
+
+
+def test_first_pick_frequency_is_proportional_to_weight():
+    n, draws = 8, 40000
+    w = jnp.asarray([8., 4., 2., 1., 1., 0.5, 0.25, 0.25])
+    keys = famt.gumbel_keys(jax.random.PRNGKey(0), jnp.broadcast_to(w, (draws, n)), floor=1e-6)
+    freq = np.bincount(np.asarray(keys.argmax(-1)), minlength=n) / draws
+    p = np.asarray(w / w.sum())
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / draws))  # 5 sigma per cell
+
+
+def test_strategy_draw_order_mask_then_throw_then_visible():
+    """The first patch drawn is masked: through the strategy and the shared partition, the
+    last masked index (lowest score) is distributed like the weights."""
+    s = masking.create(_cfg(), grid=4)
+    w = np.ones((16,), np.float32)
+    w[5] = 15.0  # p(first pick = 5) = 15 / 30
+    batch = {'image': jnp.zeros((20000, 1)), famt.WEIGHT_KEY: jnp.broadcast_to(jnp.asarray(w), (20000, 16))}
+    p = jax.jit(lambda k: s(k, batch, ()))(jax.random.PRNGKey(1))
+    c = s.counts
+    assert (c.masked, c.thrown, c.visible) == (7, 6, 3)  # round(16*.45), round(16*.40), the rest
+    first = np.asarray(p.masked[:, -1])
+    assert abs((first == 5).mean() - 0.5) < 5 * np.sqrt(0.25 / 20000)
+    # a heavy patch is masked far more often than visible
+    assert (np.asarray(p.masked) == 5).any(1).mean() > 0.9 and (np.asarray(p.visible) == 5).any(1).mean() < 0.02
+
+
+@pytest.mark.parametrize('n,ratio,throw', [(64, 0.45, 0.40), (196, 0.45, 0.40), (49, 0.3, 0.5)])
+def test_counts_exact(n, ratio, throw):
+    g = int(np.sqrt(n))
+    s = famt.FAMTMasking('famt', g, ratio, throw)
+    rng = np.random.default_rng(0)
+    batch = {'image': jnp.zeros((6, 1)), famt.WEIGHT_KEY: jnp.asarray(rng.random((6, n)), jnp.float32)}
+    p = s(jax.random.PRNGKey(0), batch, ())
+    assert p.masked.shape[1] == round(n * ratio) and p.thrown.shape[1] == round(n * throw)
+    assert p.visible.shape[1] == n - round(n * ratio) - round(n * throw)
+    for row in np.concatenate([p.visible, p.thrown, p.masked], 1):
+        assert sorted(row.tolist()) == list(range(n))
+
+
+def test_align_follows_crop_and_flip_exactly_for_linear_maps():
+    g, out = 8, 4
+    xs = np.arange(g, dtype=np.float32)
+    wmap = jnp.asarray(np.broadcast_to(xs[None, :], (g, g)))[None]  # value = column of the cell centre
+    crop = jnp.asarray([[0.25, 0.25, 0.5, 0.5]])  # the centre half of the image
+    a = np.asarray(famt.align(wmap, crop, jnp.asarray([False]), out))[0]
+    expect = (0.25 + (np.arange(out) + 0.5) / out * 0.5) * g - 0.5  # bilinear is exact on a linear map
+    np.testing.assert_allclose(a, np.broadcast_to(expect, (out, out)), atol=1e-5)
+    flipped = np.asarray(famt.align(wmap, crop, jnp.asarray([True]), out))[0]
+    np.testing.assert_allclose(flipped, a[:, ::-1], atol=1e-5)
+    # rows follow the vertical position of the box
+    wmap_t = jnp.swapaxes(wmap, 1, 2)
+    low = np.asarray(famt.align(wmap_t, jnp.asarray([[0.5, 0.0, 0.5, 1.0]]), jnp.asarray([False]), out))[0]
+    np.testing.assert_allclose(low[:, 0], (0.5 + (np.arange(out) + 0.5) / out * 0.5) * g - 0.5, atol=1e-5)
+
+
+def test_align_matches_the_pipeline_crops(tmp_path):
+    """The map of the whole image, aligned with the pipeline's crop box and flip, matches the
+    same statistic computed on the training crop itself (AMT's code slices the top-left corner)."""
+    size, g = 32, 8
+    yy, xx = np.mgrid[0:96, 0:128]
+    img = (255 * np.exp(-(((yy - 30) / 25.0) ** 2 + ((xx - 85) / 30.0) ** 2))).astype(np.uint8)
+    rgb = np.repeat(img[..., None], 3, -1)
+    path = tmp_path / 'x.png'
+    Image.fromarray(rgb).save(path)
+    enc = path.read_bytes()
+
+    def patch_means(a):
+        return a[..., 0].astype(np.float32).reshape(g, size // g, g, size // g).mean((1, 3))
+
+    whole = data.ResizeWhole(size).map({'image': enc, 'label': 0, 'index': 0})['image']
+    wmap = jnp.asarray(patch_means(whole))[None]
+    t = data.RandomResizedCropFlip(size)
+    rng = np.random.default_rng(0)
+    errs, naive = [], []
+    for _ in range(40):
+        ex = t.random_map({'image': enc, 'label': 0, 'index': 0}, rng)
+        truth = patch_means(ex['image'])
+        a = np.asarray(famt.align(wmap, jnp.asarray(ex['crop'])[None], jnp.asarray(ex['flip'])[None], g))[0]
+        errs.append(np.abs(a - truth).mean())
+        naive.append(np.abs(np.asarray(wmap[0]) - truth).mean())  # no alignment at all
+    assert np.mean(errs) < 6.0 and np.mean(errs) < 0.3 * np.mean(naive)
+
+
+def test_weight_maps_attention_and_frequency_settings():
+    attn = jnp.asarray([[[0.1, 0.2, 0.7, 0.0], [2.0, 4.0, 3.0, 2.0]]])  # [B=1, heads=2, N=4]
+    np.testing.assert_allclose(famt.attention_map(attn)[0], [(1 / 7 + 0) / 2, (2 / 7 + 1) / 2, (1 + .5) / 2, 0],
+                               rtol=1e-5)
+    img = np.zeros((1, 16, 16, 3), np.float32)
+    img[0, 8:12, 4:8] = 5.0  # a bright block in patch (2, 1) of a 4x4 grid
+    f = np.asarray(famt.frequency_map(jnp.asarray(img), patch=4, sigma=1.0))[0]
+    assert f.argmax() == 2 * 4 + 1 and f.max() == 1.0 and f.min() == 0.0
+    a, fr = jnp.asarray([[0.0, 1.0]]), jnp.asarray([[1.0, 0.0]])
+    np.testing.assert_allclose(famt.fuse(a, fr, 0.0), a)
+    np.testing.assert_allclose(famt.fuse(a, fr, 1.0), fr)
+
+
+def _step_flops(config):
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+    t = train.make_trainer(config, mesh, steps_per_epoch=10)
+    s = masking.create(config.mask, t.mae.grid)
+    step = train.compile_step(t, s, ())
+    batch = {'image': jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8), 'index': jax.ShapeDtypeStruct((8,), jnp.int32)}
+    return step.lower(t.abstract_state, batch, ()).compile().cost_analysis()['flops']
+
+
+def test_throwing_cuts_the_step_flops(tmp_path):
+    c = smoke_config(tmp_path, tmp_path, **{'model.variant': 'Ti/4', 'model.decoder.depth': 2, 'batch_size': 8})
+    keep = _step_flops(override(c, **{'mask.strategy': 'famt', 'mask.ratio': 0.45, 'mask.throw_ratio': 0.0}))
+    throw = _step_flops(override(c, **{'mask.strategy': 'famt', 'mask.ratio': 0.45, 'mask.throw_ratio': 0.40}))
+    # 8x8 grid: the encoder sees 35 -> 9 patches (+cls), the decoder 64 -> 38 tokens (+cls)
+    assert throw < 0.55 * keep
+
+
+def test_weight_store_rows_per_process():
+    st = famt.WeightStore(num_examples=11, grid=2, process_index=1, process_count=2, pad_to=4)
+    assert st.table.shape == (8, 4)  # ceil(11 / 2) = 6 rows, padded to 8
+    st.write(np.asarray([1, 5, 9]), np.asarray([[1., 2, 3, 4]] * 3) * np.asarray([[1], [2], [3]]),
+             valid=np.asarray([True, True, False]))
+    np.testing.assert_array_equal(st.lookup(np.asarray([5, 1, 9])), [[2, 4, 6, 8], [1, 2, 3, 4], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match='another process'):
+        st.lookup(np.asarray([4]))
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    base = tmp_path_factory.mktemp('data')
+    return make_folder(base / 'imgs', per_class=16), str(base / 'tfds')
+
+
+def _famt_config(root, data_dir, **over):
+    return smoke_config(root, data_dir, **{'mask.strategy': 'famt', 'mask.ratio': 0.45, 'mask.throw_ratio': 0.40,
+                                           'mask.famt.warmup_steps': 4, 'mask.famt.update_every_steps': 4,
+                                           'mask.famt.update_batch_size': 8, 'image_summary_every_epochs': 0.0,
+                                           **over})
+
+
+def test_resume_across_weight_updates_is_bitwise(folder, tmp_path):
+    root, data_dir = folder
+    c = _famt_config(root, data_dir)
+    full = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=jax.devices()[:1])
+    assert full['step'] == 12 and np.isfinite(full['losses']).all()
+    first = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=jax.devices()[:1], stop_after=6)
+    assert first['losses'] == full['losses'][:6]
+    second = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=jax.devices()[:1])
+    assert second['losses'] == full['losses'][4:]  # the step-4 checkpoint holds the store of the update at 4
+    jax.tree.map(np.testing.assert_array_equal, second['state']['params'], full['state']['params'])
+
+
+def test_store_that_does_not_match_the_dataset_is_refused(folder, tmp_path):
+    root, data_dir = folder
+    c = _famt_config(root, data_dir)
+    train.train_and_evaluate(c, str(tmp_path / 'w'), devices=jax.devices()[:1], stop_after=4)
+    other = make_folder(tmp_path / 'more', per_class=20)
+    c2 = _famt_config(other, data_dir)
+    with pytest.raises(checkpoint.CheckpointMismatch, match='famt/table: checkpoint has \\(32, 64\\), config needs '
+                                                            '\\(40, 64\\).*FAMT weight store'):
+        train.train_and_evaluate(c2, str(tmp_path / 'w'), devices=jax.devices()[:1])
+
+
+def test_bad_famt_configs(folder, tmp_path):
+    root, data_dir = folder
+
+    def err(**over):
+        with pytest.raises(config_lib.ConfigError) as e:
+            c = _famt_config(root, data_dir, **over)
+            config_lib.validate(c, num_devices=1)
+            train.train_and_evaluate(c, str(tmp_path / 'x'), devices=jax.devices()[:1])
+        return str(e.value)
+
+    assert 'config.mask.ratio' in err(**{'mask.throw_ratio': 0.55})  # 0.45 + 0.55 >= 1: nothing visible
+    assert 'leave 0 visible' in err(**{'mask.ratio': 0.5, 'mask.throw_ratio': 0.495})  # 8x8: 32 + 32 + 0
+    assert 'is longer than training (12 steps)' in err(**{'mask.famt.update_every_steps': 13})
+    assert 'after training ends' in err(**{'mask.famt.warmup_steps': 12})
+    assert 'config.mask.famt.freq_weight: must be in [0, 1]' in err(**{'mask.famt.freq_weight': 1.5})
