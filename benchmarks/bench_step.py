@@ -56,6 +56,10 @@ def time_jax(config) -> dict:
         jax.block_until_ready(m)
         best = min(best, (time.perf_counter() - t0) / _STEPS.value)
     mask_ms = time_mask(strategy, batch, aux)
+    try:  # XLA's count for the whole step (forward, backward, optimizer)
+        flops = float(step.lower(state, batch, aux).compile().cost_analysis()['flops'])
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        flops = float('nan')
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
@@ -65,7 +69,7 @@ def time_jax(config) -> dict:
     return {'impl': 'colormae_jax', 'device': f'{jax.device_count()}x {dev.device_kind}', 'batch': n,
             'step_ms': round(best * 1e3, 2), 'img_per_s': round(n / best, 1), 'mem_gb': round(mem, 2),
             'mem_kind': mem_kind, 'compile_and_warmup_s': round(warm_s, 1), 'loss': float(m['loss']),
-            'mask': strategy.name, 'mask_ms': round(mask_ms, 3), 'mask_share': round(mask_ms / (best * 1e3), 5)}
+            'gflops_per_step': round(flops / 1e9, 2), 'mask': strategy.name, 'mask_ms': round(mask_ms, 3), 'mask_share': round(mask_ms / (best * 1e3), 5)}
 
 
 def time_mask(strategy, batch, aux, repeats: int = 20) -> float:

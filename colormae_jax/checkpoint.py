@@ -108,17 +108,15 @@ class Checkpointer:
                 extra: dict | None = None) -> Any:
         """Restores the state onto the shardings of ``abstract_state`` (ShapeDtypeStructs with
         shardings: resharding across meshes and process counts is orbax's job) and sets
-        ``data_iter`` in place. With ``extra`` ({item: abstract tree}), returns
-        ``(state, {item: restored tree})``."""
+        ``data_iter`` in place. Returns ``(state, {item: restored tree})`` for the items of
+        ``extra`` ({item: abstract tree}, or None)."""
         self.check_compatible(step, abstract_state, config, extra)
         args = {'state': ocp.args.StandardRestore(abstract_state)}
         args.update({k: ocp.args.StandardRestore(v) for k, v in (extra or {}).items()})
         if data_iter is not None:
             args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
-        if extra is None:
-            return out['state']
-        return out['state'], {k: out[k] for k in extra}
+        return out['state'], {k: out[k] for k in (extra or {})}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -219,25 +219,32 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | 
         raise config_lib.ConfigError('batch_size', f'{config.batch_size} is larger than the dataset '
                                                    f'({data.num_examples(config.data)} examples)')
     t = make_trainer(config, mesh, spe)
-    phases = MaskPhases(t)
+    task = PretrainTask(t)
+    it = data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+    out = run(task, config, workdir, it, t.abstract_state, lambda: init_state(t), stop_after=stop_after)
+    return dict(out, trainer=t)
 
+
+def run(task, config, workdir: str, it, abstract_state, init_fn: Callable[[], Any], *,
+        stop_after: int | None = None) -> dict:
+    """Checkpoints, logs and the loop around a task: resumes from the newest checkpoint in
+    ``workdir/checkpoints`` (state, iterator and the task's extra items) or starts from
+    ``init_fn()``. Closes the iterator, the checkpointer and the writer."""
     workdir = os.path.abspath(workdir) if '://' not in workdir else workdir
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.ckpt.keep,
                                  async_save=config.ckpt.async_save)
-    it = data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
     writer = metrics.create_writer(os.path.join(workdir, 'tb'))
     try:
         start = ckpt.latest_step()
         if start is not None:
-            extra = phases.abstract_extra()
-            state, restored = ckpt.restore(start, t.abstract_state, it, config, extra=extra)
-            phases.load_extra(restored)
+            state, restored = ckpt.restore(start, abstract_state, it, config, extra=task.abstract_extra())
+            task.load_extra(restored)
             logging.info('Resumed from %s at step %d.', ckpt.directory, start)
         else:
-            state, start = init_state(t), 0
+            state, start = init_fn(), 0
             writer.write_hparams({k: str(v) for k, v in ckpt_lib._flat(config.to_dict()).items()})
-        return _loop(t, phases, state, start, it, ckpt, writer, stop_after)
+        return run_loop(task, config, state, start, it, ckpt, writer, stop_after)
     finally:
         it.close()
         ckpt.close()
@@ -337,21 +344,82 @@ class MaskPhases:
         return self._built[strategy]
 
 
-def _loop(t: Trainer, phases: MaskPhases, state, start, it, ckpt, writer, stop_after) -> dict:
-    config, mesh, spe = t.config, t.mesh, t.steps_per_epoch
-    progress = periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
+class PretrainTask:
+    """MAE pre-training as a task of :func:`run_loop`: the masking phases, FAMT weight updates
+    and image summaries of inputs, masks and reconstructions."""
+
+    def __init__(self, t: Trainer):
+        self.t, self.phases, self.mesh = t, MaskPhases(t), t.mesh
+        self.total_steps, self.steps_per_epoch = t.total_steps, t.steps_per_epoch
+        every = t.config.image_summary_every_epochs
+        self.img_every = max(1, int(round(every * t.steps_per_epoch))) if every else 0
+        self._phase = None
+
+    def describe(self) -> str:
+        c = self.t.config
+        return f'pre-training, batch {c.batch_size}, mask {c.mask.schedule or c.mask.strategy}'
+
+    def _current(self, step0: int):
+        i = self.phases.index(step0)
+        built = self.phases.get(i)
+        if i != self._phase:
+            self._phase = i
+            logging.info('Masking with %r from step %d (epoch %.2f).', built[0].name, step0 + 1,
+                         step0 / self.steps_per_epoch)
+        return built
+
+    def before_step(self, step0: int, state, writer, progress) -> None:
+        if self.phases.store is not None:
+            with progress.timed('famt_update'):
+                self.phases.maybe_update(step0, state['params'], writer)
+
+    def host_batch(self, step0: int, batch: dict) -> dict:
+        return self.phases.batch_fields(self._current(step0)[0], batch)
+
+    def step(self, step0: int, state, batch):
+        strategy, aux, step_fn, recon_fn = self._current(step0)
+        if self.img_every and step0 % self.img_every == 0:
+            pics = recon_fn(state['params'], batch, aux, jnp.asarray(step0, jnp.int32))
+            self._pics = (step0, np.asarray(pics[:self.t.config.image_summary_count]))
+        return step_fn(state, batch, aux)
+
+    def after_step(self, step: int, state, writer) -> None:
+        pics = getattr(self, '_pics', None)
+        if pics is not None:
+            writer.write_images(pics[0], {'masks/input_masked_reconstruction': pics[1]})
+            self._pics = None
+
+    def abstract_extra(self):
+        return self.phases.abstract_extra()
+
+    def load_extra(self, restored) -> None:
+        self.phases.load_extra(restored)
+
+    def extra(self):
+        return self.phases.extra()
+
+
+def run_loop(task, config, state, start, it, ckpt, writer, stop_after) -> dict:
+    """The one training loop (pre-training, linear probe, fine-tuning).
+
+    ``task`` provides ``mesh``, ``total_steps``, ``steps_per_epoch``, ``describe()``,
+    ``before_step(step0, state, writer, progress)``, ``host_batch(step0, batch)``,
+    ``step(step0, state, global_batch) -> (state, metrics)``, ``after_step(step, state, writer)``,
+    ``extra()`` / ``abstract_extra()`` / ``load_extra(restored)`` (more checkpoint items). Metrics are fetched and NaN-checked every
+    ``log_every_steps`` and before every save; checkpoints every ``ckpt.every_steps``, at the
+    end and on SIGTERM.
+    """
+    mesh, spe, total = task.mesh, task.steps_per_epoch, task.total_steps
+    progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                                every_steps=config.log_every_steps, every_secs=None)
     bsh = parallel.batch_sharding(mesh)
-    every = config.image_summary_every_epochs
-    img_every = max(1, int(round(every * spe))) if every else 0
     losses, pending, data_wait = [], [], 0.0
-    end = t.total_steps if stop_after is None else min(t.total_steps, start + stop_after)
-    if start >= t.total_steps:
-        logging.info('Training is already complete (step %d of %d); nothing to do.', start, t.total_steps)
+    end = total if stop_after is None else min(total, start + stop_after)
+    if start >= total:
+        logging.info('Training is already complete (step %d of %d); nothing to do.', start, total)
     else:
-        logging.info('Training steps %d..%d of %d (%d steps/epoch, batch %d, mesh %s, mask %s).', start + 1, end,
-                     t.total_steps, spe, config.batch_size, dict(zip(mesh.axis_names, mesh.devices.shape)),
-                     config.mask.schedule or config.mask.strategy)
+        logging.info('Training steps %d..%d of %d (%d steps/epoch, mesh %s): %s.', start + 1, end, total, spe,
+                     dict(zip(mesh.axis_names, mesh.devices.shape)), task.describe())
 
     def flush(step):
         nonlocal pending, data_wait
@@ -366,34 +434,26 @@ def _loop(t: Trainer, phases: MaskPhases, state, start, it, ckpt, writer, stop_a
         writer.write_scalars(step, last)
         pending, data_wait = [], 0.0
 
-    step, phase = start, None
+    step = start
     with _Preemption() as preempt:
         for step in range(start + 1, end + 1):
-            if phases.index(step - 1) != phase:
-                phase = phases.index(step - 1)
-                strategy, aux, step_fn, recon_fn = phases.get(phase)
-                logging.info('Masking with %r from step %d (epoch %.2f).', strategy.name, step, (step - 1) / spe)
-            if phases.store is not None:
-                with progress.timed('famt_update'):
-                    phases.maybe_update(step - 1, state['params'], writer)
+            task.before_step(step - 1, state, writer, progress)
             with progress.timed('data', wait_jax_async_dispatch=False):
                 t0 = time.perf_counter()
-                batch = data.to_global(phases.batch_fields(strategy, next(it)), lambda name, x: bsh)
+                batch = data.to_global(task.host_batch(step - 1, next(it)), lambda name, x: bsh)
                 data_wait += time.perf_counter() - t0
-            if img_every and (step - 1) % img_every == 0:
-                pics = recon_fn(state['params'], batch, aux, jnp.asarray(step - 1, jnp.int32))
-                writer.write_images(step - 1, {'masks/input_masked_reconstruction': np.asarray(
-                    pics[:config.image_summary_count])})
-            state, m = step_fn(state, batch, aux)
+            state, m = task.step(step - 1, state, batch)
             pending.append(m)
             progress(step)
             if step % config.log_every_steps == 0 or step == end or preempt.requested:
                 flush(step)
-            if step % config.ckpt.every_steps == 0 or step == t.total_steps or preempt.requested:
+            if step % config.ckpt.every_steps == 0 or step == total or preempt.requested:
                 flush(step)  # a state that follows a non-finite step is never saved
-                ckpt.save(step, state, it, config, force=True, extra=phases.extra())
+                ckpt.save(step, state, it, config, force=True, extra=task.extra())
+            task.after_step(step, state, writer)
             if preempt.requested:
                 logging.warning('Saved step %d after SIGTERM; exiting.', step)
                 break
         flush(step)
-    return {'losses': losses, 'state': state, 'step': step, 'trainer': t}
+    return {'losses': losses, 'state': state, 'step': step}
+
