@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-EXTRA_ITEMS = ('famt',)
+EXTRA_ITEMS = ('famt', 'eval')
 
 # Config keys that fix the shapes of the train state.
 SHAPE_KEYS = ('model.variant', 'model.decoder.width', 'model.decoder.depth', 'model.decoder.heads',

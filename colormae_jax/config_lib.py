@@ -93,6 +93,12 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
             masking.create(config.mask, size // patch, name).check()
     except masking.MaskConfigError as e:
         raise ConfigError(e.key, str(e)) from None
+    _validate_run(config, num_devices)
+    _validate_data(config.data, check_data)
+
+
+def _validate_run(config, num_devices: int) -> None:
+    """Batch, mesh, optimizer, durations, checkpoints: shared by every task."""
     bs = config.batch_size
     _check(isinstance(bs, int) and bs > 0, 'batch_size', f'must be a positive int, got {bs!r}')
     _check(bs % num_devices == 0, 'batch_size',
@@ -109,7 +115,9 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
         v = steps if steps is not None else epochs
         _check(v >= 0, f'{n}_steps' if steps is not None else f'{n}_epochs', f'must be >= 0, got {v}')
     _check(config.ckpt.keep >= 1, 'ckpt.keep', f'must be >= 1, got {config.ckpt.keep}')
-    d = config.data
+
+
+def _validate_data(d, check_data: bool) -> None:
     _check(d.source in ('folder', 'tfds'), 'data.source', f"{d.source!r}; valid: 'folder', 'tfds'")
     _check(d.normalize_on in ('device', 'host'), 'data.normalize_on', f"{d.normalize_on!r}; valid: 'device', 'host'")
     lo, hi = d.crop_scale
@@ -123,3 +131,26 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
                f'{sorted(x for x in os.listdir(d.root) if os.path.isdir(os.path.join(d.root, x)))}')
     if check_data and d.source == 'tfds':
         _check(bool(d.name), 'data.name', "set the TFDS dataset name, e.g. 'imagenet2012'")
+
+
+def validate_eval(config, num_devices: int | None = None, check_data: bool = True) -> None:
+    """Refuses a bad evaluation config (kNN, linear probe, fine-tuning) before compiling."""
+    import jax
+    num_devices = num_devices or jax.device_count()
+    _check(bool(config.get('init_from')), 'init_from', 'set the pre-training run to evaluate, e.g. '
+                                                       '--config.init_from=/tmp/mae_green (a workdir or its '
+                                                       'checkpoints/STEP, or a tools.convert import folder)')
+    _check(isinstance(config.num_classes, int) and config.num_classes >= 2, 'num_classes',
+           f'must be an int >= 2, got {config.num_classes!r}')
+    _check(config.knn.k >= 1, 'knn.k', f'must be >= 1, got {config.knn.k}')
+    _check(config.knn.temperature > 0, 'knn.temperature', f'must be positive, got {config.knn.temperature}')
+    _check(config.probe.pool in ('cls', 'mean'), 'probe.pool', f"{config.probe.pool!r}; valid: 'cls', 'mean'")
+    _check(config.probe.mode in ('fast', 'faithful'), 'probe.mode', f"{config.probe.mode!r}; valid: 'fast', "
+                                                                    "'faithful'")
+    _check(config.eval_every_epochs > 0, 'eval_every_epochs', f'must be positive, got {config.eval_every_epochs}')
+    _validate_run(config, num_devices)
+    _validate_data(config.data, check_data)
+    if check_data and config.data.source == 'folder':
+        split = os.path.join(config.data.root, config.data.eval_split)
+        _check(os.path.isdir(split), 'data.eval_split', f'{split!r} does not exist; the splits in '
+                                                        f'{config.data.root!r} are {sorted(os.listdir(config.data.root))}')

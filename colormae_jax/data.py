@@ -547,7 +547,7 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_
 
 
 def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int, process_index: int = 0,
-                       process_count: int = 1, view: str = 'center_crop') -> Iterator[dict]:
+                       process_count: int = 1, view: str = 'center_crop', limit: int = 0) -> Iterator[dict]:
     """One pass over ``split`` in order, no randomness: centre crops (``view='center_crop'``)
     or whole images resized (``view='resize'``).
 
@@ -560,10 +560,11 @@ def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int, process_
     batch = _per_process_batch(global_batch_size, process_count)
     source = _source(prepare(data_cfg), split)
     n = len(source)
-    num_batches = math.ceil(math.ceil(n / process_count) / batch)
+    used = min(n, limit) if limit else n  # ``limit``: only the first examples (quick evaluations)
+    num_batches = math.ceil(math.ceil(used / process_count) / batch)
     mean, std = _host_norm(data_cfg)
     s = int(data_cfg.image_size)
-    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(n))[process_index::process_count]
+    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(n))[:used][process_index::process_count]
     views = {'center_crop': CenterCrop, 'resize': ResizeWhole}
     if view not in views:
         raise DataError(f'view={view!r}; valid: {sorted(views)}')

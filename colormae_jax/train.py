@@ -8,6 +8,7 @@ the state, so a resumed run draws exactly the masks an uninterrupted run would.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import signal
@@ -205,12 +206,16 @@ def _check_finite(step: int, values: dict, ckpt: ckpt_lib.Checkpointer) -> None:
             f'Lower base_lr, lengthen the warm-up or set grad_clip_norm, then relaunch (it resumes from there).')
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | None = None,
+                       deadline: float | None = None) -> dict:
     """Pre-trains an MAE per ``config``, resuming from the newest checkpoint in ``workdir``.
 
     ``stop_after`` (tests) stops after that many steps of this call, as if the process
     were killed there. Returns the losses of this call's steps and the final state.
     """
+    if config.get('task', 'pretrain') != 'pretrain':  # kNN, linear probe, fine-tuning
+        from colormae_jax import evaluate
+        return evaluate.evaluate(config, workdir, devices=devices, stop_after=stop_after, deadline=deadline)
     config_lib.validate(config, num_devices=len(devices) if devices is not None else None)
     mesh = parallel.make_mesh(config.mesh, devices)
     parallel.global_batch_check(config.batch_size, mesh)
@@ -219,15 +224,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | 
         raise config_lib.ConfigError('batch_size', f'{config.batch_size} is larger than the dataset '
                                                    f'({data.num_examples(config.data)} examples)')
     t = make_trainer(config, mesh, spe)
-    task = PretrainTask(t)
+    task = PretrainTask(t, workdir)
     it = data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-    out = run(task, config, workdir, it, t.abstract_state, lambda: init_state(t), stop_after=stop_after)
+    out = run(task, config, workdir, it, t.abstract_state, lambda: init_state(t), stop_after=stop_after,
+              deadline=deadline)
     return dict(out, trainer=t)
 
 
 def run(task, config, workdir: str, it, abstract_state, init_fn: Callable[[], Any], *,
-        stop_after: int | None = None) -> dict:
+        stop_after: int | None = None, deadline: float | None = None) -> dict:
     """Checkpoints, logs and the loop around a task: resumes from the newest checkpoint in
     ``workdir/checkpoints`` (state, iterator and the task's extra items) or starts from
     ``init_fn()``. Closes the iterator, the checkpointer and the writer."""
@@ -244,7 +250,7 @@ def run(task, config, workdir: str, it, abstract_state, init_fn: Callable[[], An
         else:
             state, start = init_fn(), 0
             writer.write_hparams({k: str(v) for k, v in ckpt_lib._flat(config.to_dict()).items()})
-        return run_loop(task, config, state, start, it, ckpt, writer, stop_after)
+        return run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline)
     finally:
         it.close()
         ckpt.close()
@@ -348,8 +354,8 @@ class PretrainTask:
     """MAE pre-training as a task of :func:`run_loop`: the masking phases, FAMT weight updates
     and image summaries of inputs, masks and reconstructions."""
 
-    def __init__(self, t: Trainer):
-        self.t, self.phases, self.mesh = t, MaskPhases(t), t.mesh
+    def __init__(self, t: Trainer, workdir: str | None = None):
+        self.t, self.phases, self.mesh, self.workdir = t, MaskPhases(t), t.mesh, workdir
         self.total_steps, self.steps_per_epoch = t.total_steps, t.steps_per_epoch
         every = t.config.image_summary_every_epochs
         self.img_every = max(1, int(round(every * t.steps_per_epoch))) if every else 0
@@ -388,6 +394,19 @@ class PretrainTask:
         if pics is not None:
             writer.write_images(pics[0], {'masks/input_masked_reconstruction': pics[1]})
             self._pics = None
+        knn = self.t.config.get('knn')
+        every = int(round(knn.every_epochs * self.steps_per_epoch)) if knn and knn.every_epochs else 0
+        if every and (step % every == 0 or step == self.total_steps):
+            from colormae_jax import evaluate
+            t0 = time.perf_counter()
+            res = evaluate.knn_eval(state['params']['encoder'], self.t.mae, self.t.config.data, knn,
+                                    num_classes=self.t.config.num_classes, batch_size=self.t.config.batch_size,
+                                    mesh=self.mesh)
+            writer.write_scalars(step, dict(res, **{'knn/seconds': time.perf_counter() - t0}))
+            logging.info('kNN monitor at step %d (epoch %.1f): %s', step, step / self.steps_per_epoch, res)
+            if self.workdir and jax.process_index() == 0 and '://' not in self.workdir:
+                with open(os.path.join(self.workdir, 'knn.jsonl'), 'a') as f:  # for the study's curves
+                    f.write(json.dumps(dict(res, step=step, epoch=step / self.steps_per_epoch)) + '\n')
 
     def abstract_extra(self):
         return self.phases.abstract_extra()
@@ -399,7 +418,7 @@ class PretrainTask:
         return self.phases.extra()
 
 
-def run_loop(task, config, state, start, it, ckpt, writer, stop_after) -> dict:
+def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=None) -> dict:
     """The one training loop (pre-training, linear probe, fine-tuning).
 
     ``task`` provides ``mesh``, ``total_steps``, ``steps_per_epoch``, ``describe()``,
@@ -407,7 +426,7 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after) -> dict:
     ``step(step0, state, global_batch) -> (state, metrics)``, ``after_step(step, state, writer)``,
     ``extra()`` / ``abstract_extra()`` / ``load_extra(restored)`` (more checkpoint items). Metrics are fetched and NaN-checked every
     ``log_every_steps`` and before every save; checkpoints every ``ckpt.every_steps``, at the
-    end and on SIGTERM.
+    end, on SIGTERM and when ``deadline`` (a ``time.time()``) has passed, which stops the loop.
     """
     mesh, spe, total = task.mesh, task.steps_per_epoch, task.total_steps
     progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
@@ -437,6 +456,8 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after) -> dict:
     step = start
     with _Preemption() as preempt:
         for step in range(start + 1, end + 1):
+            if deadline is not None and time.time() > deadline:
+                preempt.requested = True  # save below, then stop: the next call resumes here
             task.before_step(step - 1, state, writer, progress)
             with progress.timed('data', wait_jax_async_dispatch=False):
                 t0 = time.perf_counter()
@@ -452,8 +473,8 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after) -> dict:
                 ckpt.save(step, state, it, config, force=True, extra=task.extra())
             task.after_step(step, state, writer)
             if preempt.requested:
-                logging.warning('Saved step %d after SIGTERM; exiting.', step)
+                logging.warning('Saved step %d after SIGTERM (or the deadline); exiting.', step)
                 break
         flush(step)
-    return {'losses': losses, 'state': state, 'step': step}
+    return {'losses': losses, 'state': state, 'step': step, 'total_steps': total}
 

@@ -23,6 +23,9 @@ def get_config(arg=None):
     c.total_epochs = 200.0
     c.warmup_epochs = 10.0
     c.image_summary_every_epochs = 10.0
+    c.num_classes = 10
+    c.data.eval_split = 'test'
+    c.knn.every_epochs = 10.0
     c.ckpt.every_steps = 1000
     if a.smoke:  # a few steps of a tiny model: tests and the quick start
         c.model.variant = 'mu/4' if a.variant == 'Ti/4' else a.variant
@@ -37,4 +40,5 @@ def get_config(arg=None):
         c.ckpt.every_steps = 10
         c.mask.famt.update(warmup_steps=10, update_every_steps=10)  # FAMT: one weight update, before step 11
         c.mask.famt.update_batch_size = 256
+        c.knn.update(max_train=2000, max_test=500)  # the monitor runs once, at the end
     return c

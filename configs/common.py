@@ -13,6 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
         name='',                    # for 'tfds', e.g. 'imagenet2012'
         data_dir='',                # where array_record files live ('' -> ~/tensorflow_datasets)
         split='train',
+        eval_split='test',          # kNN monitor and evaluations ('validation' for imagenet2012)
         image_size=224,
         crop_scale=(0.2, 1.0),      # RandomResizedCrop scale, as in MAE
         hflip=True,
@@ -71,10 +72,48 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = (('data', -1), ('fsdp', 1))  # (axis, size) pairs; -1: the remaining devices
 
+    c.num_classes = 1000            # for the kNN monitor
+    # kNN monitor during pre-training (weighted kNN on frozen features of data.split vs data.eval_split)
+    c.knn = ml_collections.ConfigDict(dict(every_epochs=0.0, k=20, temperature=0.07, max_train=0, max_test=0,
+                                           batch_size=0))
     c.log_every_steps = 50
     c.image_summary_every_epochs = 10.0
     c.image_summary_count = 8
     c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+    c.nan_check = True
+    return c
+
+
+def eval_config(task: str) -> ml_collections.ConfigDict:
+    """Defaults shared by the evaluation configs (kNN, linear probe, fine-tuning)."""
+    c = ml_collections.ConfigDict()
+    c.task = task                   # 'knn' | 'linear_probe' | 'finetune'
+    c.init_from = ''                # a pre-training workdir, its checkpoints/STEP, or a tools.convert import
+    c.seed = 0
+    c.data = base_config().data
+    c.num_classes = 1000
+    c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, max_train=0, max_test=0, batch_size=0))
+    # MAE linear probe: BN (no affine) + linear, LARS, base lr 0.1, no wd, 90 epochs, 10 warm-up
+    c.probe = ml_collections.ConfigDict(dict(mode='fast', pool='cls', also_knn=True, max_train=0, max_test=0))
+    c.batch_size = 16384 if task == 'linear_probe' else 1024
+    c.total_epochs = 90.0 if task == 'linear_probe' else 100.0
+    c.total_steps = placeholder(int)
+    c.warmup_epochs = 10.0 if task == 'linear_probe' else 5.0
+    c.warmup_steps = placeholder(int)
+    c.base_lr = 0.1 if task == 'linear_probe' else 5e-4
+    c.min_lr = 0.0 if task == 'linear_probe' else 1e-6
+    c.wd = 0.0 if task == 'linear_probe' else 0.05
+    c.b1, c.b2 = 0.9, 0.999
+    c.grad_clip_norm = 0.0
+    # MAE fine-tuning recipe (ViT-B): layer decay 0.65, drop path 0.1, mixup 0.8, cutmix 1.0,
+    # label smoothing 0.1, RandAugment m9-mstd0.5, random erasing 0.25
+    c.finetune = ml_collections.ConfigDict(dict(layer_decay=0.65, drop_path=0.1, mixup=0.8, cutmix=1.0,
+                                                label_smoothing=0.1, randaug_ops=2, randaug_magnitude=9,
+                                                reprob=0.25, pool='mean'))
+    c.eval_every_epochs = 10.0
+    c.mesh = (('data', -1), ('fsdp', 1))
+    c.log_every_steps = 50
+    c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
     c.nan_check = True
     return c
 

@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.data.image_size = 224
     c.data.num_workers = 16
     c.model.variant = a.variant
+    c.data.eval_split = 'validation'
     c.model.compute_dtype = 'bfloat16'
     common.set_mask(c, a.mask)
     c.ckpt.every_steps = 2000

@@ -1,0 +1,243 @@
+r"""The CIFAR-10 masking study: pre-train with each mask, evaluate each encoder, compare.
+
+  python benchmarks/cifar10_study.py --preset smoke                 # 2-core CPU, minutes
+  python benchmarks/cifar10_study.py --preset full --out study_full  # one GPU; rerun to resume
+  python benchmarks/cifar10_study.py --preset full --strategies random,green --seeds 0,1 --finetune
+
+For every strategy and seed (same model, budget and seed across strategies) it pre-trains
+(``configs/cifar10.py``, with the kNN monitor on), then evaluates the final encoder with a
+weighted kNN and the MAE linear probe (fast mode: features extracted once, no augmentation),
+and with ``--finetune`` by fine-tuning. Every part resumes from its checkpoints, so the
+study can run across several calls with a time limit each (``--time_budget_s``). Writes
+``OUT/results.json``, ``OUT/results.md`` (a markdown table) and ``OUT/study.png`` (accuracy
+per strategy, and kNN accuracy over pre-training epochs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
+import cifar10  # noqa: E402
+import cifar10_eval  # noqa: E402
+
+STRATEGIES = ('random', 'red', 'blue', 'green', 'purple', 'famt')
+
+_PRESET = flags.DEFINE_enum('preset', 'smoke', ['smoke', 'full'], 'smoke: CPU minutes; full: one GPU.')
+_STRATEGIES = flags.DEFINE_list('strategies', list(STRATEGIES), f'Subset of {STRATEGIES}, run in this order.')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (repeats).')
+_OUT = flags.DEFINE_string('out', 'study_out', 'Output folder (workdirs, results).')
+_ROOT = flags.DEFINE_string('root', '../shared/data/cifar10', 'CIFAR-10 folder (<root>/{train,test}/<class>/*).')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', 'Where array_record files are prepared (default ~/tensorflow_datasets).')
+_FINETUNE = flags.DEFINE_bool('finetune', False, 'Also fine-tune every encoder.')
+_BUDGET = flags.DEFINE_float('time_budget_s', 0.0, 'Stop (resumably) after this many seconds; 0: no limit.')
+_OVERRIDES = flags.DEFINE_multi_string('set', [], 'Pre-training config overrides KEY=VALUE (python literal).')
+
+# Pre-training per preset. smoke: a tiny model, a few steps; full: ViT-Ti/4, 200 epochs, bf16.
+PRETRAIN = {
+    'smoke': {'model.variant': 'mu/4', 'model.decoder.width': 32, 'model.decoder.depth': 1, 'model.decoder.heads': 2,
+              'batch_size': 64, 'total_steps': 40, 'warmup_steps': 4, 'base_lr': 1e-2, 'log_every_steps': 10,
+              'ckpt.every_steps': 20, 'image_summary_every_epochs': 0.0, 'knn.every_epochs': 20 / 781,
+              'knn.max_train': 2000, 'knn.max_test': 500, 'mask.famt.warmup_steps': 20,
+              'mask.famt.update_every_steps': 20, 'mask.famt.update_batch_size': 512},
+    'full': {'model.variant': 'Ti/4', 'model.compute_dtype': 'bfloat16', 'batch_size': 256, 'total_epochs': 200.0,
+             'warmup_epochs': 10.0, 'data.num_workers': 12, 'knn.every_epochs': 20.0, 'knn.batch_size': 1024,
+             'ckpt.every_steps': 2000, 'log_every_steps': 200, 'mask.famt.warmup_epochs': 40.0,
+             'mask.famt.update_every_epochs': 40.0, 'mask.famt.update_batch_size': 1024},
+}
+EVAL = {
+    'smoke': {'linear_probe': {}, 'finetune': {}},
+    'full': {'linear_probe': {'total_epochs': 100.0, 'batch_size': 1024},
+             'finetune': {'total_epochs': 50.0, 'data.num_workers': 12}},
+}
+
+
+def _set(c, key: str, value) -> None:
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def pretrain_config(strategy: str, seed: int):
+    smoke = _PRESET.value == 'smoke'
+    c = cifar10.get_config(f'mask={strategy},root={_ROOT.value}' + (',smoke' if smoke else ''))
+    for k, v in PRETRAIN[_PRESET.value].items():
+        _set(c, k, v)
+    c.seed = seed
+    c.data.data_dir = _DATA_DIR.value
+    for item in _OVERRIDES.value:
+        k, _, v = item.partition('=')
+        import ast
+        try:
+            v = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            pass
+        _set(c, k, v)
+    return c
+
+
+def eval_config(task: str, init_from: str, seed: int):
+    smoke = _PRESET.value == 'smoke'
+    c = cifar10_eval.get_config(f'task={task},root={_ROOT.value}' + (',smoke' if smoke else ''))
+    for k, v in EVAL[_PRESET.value][task].items():
+        _set(c, k, v)
+    c.init_from, c.seed = init_from, seed
+    c.data.data_dir = _DATA_DIR.value
+    return c
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def run_study(out: str) -> dict:
+    from colormae_jax import train
+    t_start = time.perf_counter()
+    results = {}
+    path = os.path.join(out, 'results.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f).get('runs', {})
+
+    def remaining() -> int | None:
+        if not _BUDGET.value:
+            return None
+        left = _BUDGET.value - (time.perf_counter() - t_start)
+        if left < 30:
+            raise OutOfTime()
+        return left
+
+    for strategy in _STRATEGIES.value:
+        if strategy not in STRATEGIES:
+            raise app.UsageError(f'--strategies: unknown {strategy!r}; valid: {STRATEGIES}')
+        for seed in map(int, _SEEDS.value):
+            key = f'{strategy}/seed{seed}'
+            r = results.get(key, {})
+            wd = os.path.join(out, 'runs', strategy, f'seed{seed}')
+            remaining()
+            if 'pretrain_s' not in r:
+                t0 = time.perf_counter()
+                left = remaining()
+                res = train.train_and_evaluate(pretrain_config(strategy, seed), os.path.join(wd, 'pretrain'),
+                                               deadline=None if left is None else time.time() + left - 20)
+                if res['step'] < res['trainer'].total_steps:  # stopped by the time budget: resume next call
+                    raise OutOfTime()
+                r['pretrain_s'] = round(time.perf_counter() - t0, 1)
+                r['pretrain_steps'] = res['step']
+                r['final_loss'] = res['losses'][-1] if res['losses'] else None
+            knn_curve = os.path.join(wd, 'pretrain', 'knn.jsonl')
+            if os.path.exists(knn_curve):
+                with open(knn_curve) as f:
+                    r['knn_curve'] = [json.loads(line) for line in f if line.strip()]
+            tasks = ['linear_probe'] + (['finetune'] if _FINETUNE.value else [])
+            for task in tasks:
+                if f'{task}_done' in r:
+                    continue
+                remaining()
+                left = remaining()
+                ev = train.train_and_evaluate(eval_config(task, os.path.join(wd, 'pretrain'), seed),
+                                              os.path.join(wd, task),
+                                              deadline=None if left is None else time.time() + left - 20)
+                if ev.get('step', 0) < ev.get('total_steps', 0):
+                    raise OutOfTime()
+                r.update(ev['results'])
+                r[f'{task}_done'] = True
+            results[key] = r
+            _write(out, results)
+    return results
+
+
+def _summary(results: dict) -> dict:
+    import numpy as np
+    table = {}
+    for key, r in results.items():
+        strategy = key.split('/')[0]
+        for metric in ('linear/top1', 'knn/cls_top1', 'knn/mean_top1', 'finetune/top1'):
+            if r.get(metric) is not None:
+                table.setdefault(strategy, {}).setdefault(metric, []).append(r[metric])
+    return {s: {m: (float(np.mean(v)), float(np.std(v)), len(v)) for m, v in ms.items()} for s, ms in table.items()}
+
+
+def _write(out: str, results: dict) -> None:
+    import jax
+    os.makedirs(out, exist_ok=True)
+    summary = _summary(results)
+    meta = {'preset': _PRESET.value, 'seeds': _SEEDS.value, 'strategies': _STRATEGIES.value,
+            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}',
+            'command': ' '.join(sys.argv)}
+    with open(os.path.join(out, 'results.json'), 'w') as f:
+        json.dump({'meta': meta, 'summary': summary, 'runs': results}, f, indent=1)
+    metrics = ['linear/top1', 'knn/cls_top1', 'knn/mean_top1'] + (['finetune/top1'] if _FINETUNE.value else [])
+    lines = [f"Preset `{meta['preset']}` on {meta['device']}, seeds {','.join(meta['seeds'])}: `{meta['command']}`",
+             '', '| strategy | ' + ' | '.join(metrics) + ' | pre-train s |',
+             '| --- |' + ' ---: |' * (len(metrics) + 1)]
+    for s in [x for x in STRATEGIES if x in summary]:
+        cells = []
+        for m in metrics:
+            v = summary[s].get(m)
+            cells.append('' if v is None else (f'{v[0]:.2f}' if v[2] == 1 else f'{v[0]:.2f} ± {v[1]:.2f}'))
+        secs = [r.get('pretrain_s') for k, r in results.items() if k.startswith(s + '/') and r.get('pretrain_s')]
+        cells.append(f'{sum(secs) / len(secs):.0f}' if secs else '')
+        lines.append(f'| {s} | ' + ' | '.join(cells) + ' |')
+    with open(os.path.join(out, 'results.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    _plot(out, results, summary)
+
+
+def _plot(out: str, results: dict, summary: dict) -> None:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning('matplotlib is missing (pip install -e ".[plots]"): no plot')
+        return
+    colours = {'random': 'grey', 'red': 'red', 'blue': 'blue', 'green': 'green', 'purple': 'purple', 'famt': 'orange'}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [s for s in STRATEGIES if s in summary]
+    for j, m in enumerate(('linear/top1', 'knn/cls_top1')):
+        vals = [summary[s].get(m, (float('nan'), 0, 0)) for s in names]
+        xs = [i + 0.4 * j for i in range(len(names))]
+        a.bar(xs, [v[0] for v in vals], 0.38, yerr=[v[1] for v in vals], label=m,
+              color=[colours[s] for s in names], alpha=1.0 if j == 0 else 0.5)
+    a.set_xticks([i + 0.2 for i in range(len(names))], names)
+    a.set_ylabel('top-1 (%)')
+    a.set_title('linear probe (solid), kNN on [CLS] (light)')
+    for key, r in results.items():
+        curve = r.get('knn_curve') or []
+        if curve:
+            s = key.split('/')[0]
+            b.plot([p['epoch'] for p in curve], [p['knn/cls_top1'] for p in curve], marker='o', color=colours[s],
+                   label=key)
+    b.set_xlabel('pre-training epoch')
+    b.set_ylabel('kNN top-1 (%)')
+    b.set_title('kNN monitor during pre-training')
+    if b.lines:
+        b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'study.png'), dpi=100)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    logging.get_absl_logger().addFilter(
+        lambda r: r.levelno >= 30 or ('/orbax/' not in r.pathname and '/grain/' not in r.pathname))
+    try:
+        results = run_study(_OUT.value)
+    except OutOfTime:
+        print(f'time budget reached; rerun the same command to resume ({_OUT.value})')
+        return
+    with open(os.path.join(_OUT.value, 'results.md')) as f:
+        print(f.read())
+    print(f'wrote {_OUT.value}/results.json, results.md, study.png ({len(results)} runs)')
+
+
+if __name__ == '__main__':
+    app.run(main)
