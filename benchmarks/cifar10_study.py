@@ -14,6 +14,7 @@ per strategy, and kNN accuracy over pre-training epochs).
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ _DATA_DIR = flags.DEFINE_string('data_dir', '', 'Where array_record files are pr
 _FINETUNE = flags.DEFINE_bool('finetune', False, 'Also fine-tune every encoder.')
 _BUDGET = flags.DEFINE_float('time_budget_s', 0.0, 'Stop (resumably) after this many seconds; 0: no limit.')
 _OVERRIDES = flags.DEFINE_multi_string('set', [], 'Pre-training config overrides KEY=VALUE (python literal).')
+_EVAL_OVERRIDES = flags.DEFINE_multi_string('eval_set', [], 'Evaluation config overrides KEY=VALUE.')
 
 # Pre-training per preset. smoke: a tiny model, a few steps; full: ViT-Ti/4, 200 epochs, bf16.
 PRETRAIN = {
@@ -71,9 +73,13 @@ def pretrain_config(strategy: str, seed: int):
         _set(c, k, v)
     c.seed = seed
     c.data.data_dir = _DATA_DIR.value
-    for item in _OVERRIDES.value:
+    return _apply(c, _OVERRIDES.value)
+
+
+def _apply(c, items):
+    """KEY=VALUE overrides; VALUE is a python literal, or else a string."""
+    for item in items:
         k, _, v = item.partition('=')
-        import ast
         try:
             v = ast.literal_eval(v)
         except (ValueError, SyntaxError):
@@ -89,7 +95,7 @@ def eval_config(task: str, init_from: str, seed: int):
         _set(c, k, v)
     c.init_from, c.seed = init_from, seed
     c.data.data_dir = _DATA_DIR.value
-    return c
+    return _apply(c, _EVAL_OVERRIDES.value)
 
 
 class OutOfTime(Exception):

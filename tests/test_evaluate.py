@@ -1,0 +1,112 @@
+"""Evaluations: kNN maths, linear probe on the shared loop (resume included), bad input,
+and the study script end to end on a tiny folder."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from colormae_jax import config_lib, evaluate, train
+from helpers import make_folder, override, smoke_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
+import cifar10_eval  # noqa: E402
+
+DEV = jax.devices()[:1]
+
+
+def test_knn_weighted_vote():
+    # two tight clusters on the unit circle; a query near cluster 1 with 3 neighbours from each
+    train_f = np.asarray([[1, 0.01], [1, -0.01], [1, 0.02], [0, 1], [0.01, 1], [-0.01, 1]], np.float32)
+    train_y = np.asarray([0, 0, 0, 1, 1, 1])
+    test_f = np.asarray([[0.1, 1.0], [1.0, 0.1]], np.float32)
+    acc = evaluate.knn_accuracy(train_f, train_y, test_f, np.asarray([1, 0]), num_classes=2, k=6, temperature=0.07)
+    assert acc == 100.0
+    # with k = all and a huge temperature, votes are uniform: a 4-vs-2 majority wins whatever the distance
+    train_y2 = np.asarray([0, 0, 0, 0, 1, 1])
+    acc = evaluate.knn_accuracy(train_f, train_y2, test_f[:1], np.asarray([0]), num_classes=2, k=6, temperature=1e6)
+    assert acc == 100.0
+    acc = evaluate.knn_accuracy(train_f, train_y2, test_f[:1], np.asarray([1]), num_classes=2, k=2, temperature=0.07)
+    assert acc == 100.0  # the two nearest are class 1
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    base = tmp_path_factory.mktemp('ev')
+    root = make_folder(base / 'imgs', per_class=16, splits=('train', 'test'))
+    c = smoke_config(root, str(base / 'tfds'), **{'image_summary_every_epochs': 0.0})
+    train.train_and_evaluate(c, str(base / 'mae'), devices=DEV)
+    return root, str(base / 'tfds'), str(base / 'mae')
+
+
+def _eval_config(task, root, data_dir, init_from, **over):
+    c = cifar10_eval.get_config(f'task={task},smoke')
+    c.data.root, c.data.data_dir, c.init_from = root, data_dir, init_from
+    c.batch_size = 8
+    c.total_steps, c.warmup_steps = 12, 2
+    c.eval_every_epochs = 1.0
+    c.ckpt.every_steps = 4
+    return override(c, **over)
+
+
+def test_knn_task(pretrained, tmp_path):
+    root, dd, mae = pretrained
+    out = train.train_and_evaluate(_eval_config('knn', root, dd, mae), str(tmp_path / 'k'), devices=DEV)
+    r = out['results']
+    assert set(r) == {'knn/cls_top1', 'knn/mean_top1'} and all(0 <= v <= 100 for v in r.values())
+    saved = json.load(open(tmp_path / 'k' / 'results.json'))
+    assert saved['knn/cls_top1'] == r['knn/cls_top1'] and 'step 12' in saved['source']
+
+
+@pytest.mark.parametrize('mode', ['fast', 'faithful'])
+def test_linear_probe_resumes_bitwise(pretrained, tmp_path, mode):
+    root, dd, mae = pretrained
+    c = _eval_config('linear_probe', root, dd, mae + '/checkpoints/8', **{'probe.mode': mode})
+    full = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=DEV)
+    assert full['step'] == 12 and np.isfinite(full['losses']).all()
+    assert 0 <= full['results']['linear/top1'] <= 100
+    first = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV, stop_after=6)
+    assert first['losses'] == full['losses'][:6]
+    second = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV)
+    assert second['losses'] == full['losses'][4:]
+    assert second['results']['linear/top1'] == full['results']['linear/top1']
+    # the encoder is frozen: only the head was trained (BatchNorm has no affine parameters)
+    assert set(full['state']['params']) == {'fc'} and set(full['state']['stats']['bn']) == {'mean', 'var'}
+
+
+def test_eval_bad_input(pretrained, tmp_path):
+    root, dd, mae = pretrained
+    with pytest.raises(config_lib.ConfigError, match='config.init_from: set the pre-training run'):
+        train.train_and_evaluate(_eval_config('knn', root, dd, ''), str(tmp_path / 'x'), devices=DEV)
+    with pytest.raises(config_lib.ConfigError, match='config.init_from: .* is not a directory'):
+        train.train_and_evaluate(_eval_config('knn', root, dd, str(tmp_path / 'nope')), str(tmp_path / 'x'),
+                                 devices=DEV)
+    with pytest.raises(config_lib.ConfigError, match='config.data.image_size: 64, but the encoder'):
+        train.train_and_evaluate(_eval_config('knn', root, dd, mae, **{'data.image_size': 64}), str(tmp_path / 'x'),
+                                 devices=DEV)
+    with pytest.raises(config_lib.ConfigError, match="config.probe.mode: 'slow'"):
+        train.train_and_evaluate(_eval_config('linear_probe', root, dd, mae, **{'probe.mode': 'slow'}),
+                                 str(tmp_path / 'x'), devices=DEV)
+
+
+def test_study_smoke_end_to_end(pretrained, tmp_path):
+    root, dd, _ = pretrained
+    out = tmp_path / 'study'
+    cmd = [sys.executable, 'benchmarks/cifar10_study.py', '--preset=smoke', '--strategies=random,green,famt',
+           f'--root={root}', f'--data_dir={dd}', f'--out={out}', '--set=batch_size=8', '--set=total_steps=8',
+           '--set=mask.famt.warmup_steps=4', '--set=mask.famt.update_every_steps=4', '--set=knn.every_epochs=1.0',
+           '--set=mask.famt.update_batch_size=8', '--eval_set=batch_size=8', '--eval_set=total_steps=6']
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.join(os.path.dirname(__file__), '..'),
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out / 'results.json'))
+    assert set(res['summary']) == {'random', 'green', 'famt'}
+    for s in ('random', 'green', 'famt'):
+        run = res['runs'][f'{s}/seed0']
+        assert run['linear_probe_done'] and run['knn_curve'] and 0 <= run['linear/top1'] <= 100
+    assert '| green |' in (out / 'results.md').read_text()
+    assert (out / 'study.png').read_bytes()[:4] == b'\x89PNG'
