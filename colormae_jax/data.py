@@ -505,7 +505,8 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, num_epochs: int | None = None) -> TrainIterator:
+                        process_count: int = 1, num_epochs: int | None = None,
+                        transform: grain.transforms.RandomMap | None = None) -> TrainIterator:
     """A checkpointable iterator of this process's batches (infinite unless ``num_epochs``).
 
     Batches (numpy): ``image`` uint8 [b, S, S, 3] (float32 normalised if ``normalize_on='host'``),
@@ -529,9 +530,10 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(n))
     ds = ds[process_index:per_process * process_count:process_count]
     ds = ds.shuffle(seed=_derived_seed(seed, 0)).repeat(num_epochs)
-    ds = ds.random_map(RandomResizedCropFlip(data_cfg.image_size, _opt(data_cfg, 'crop_scale', (0.2, 1.0)),
-                                             _opt(data_cfg, 'hflip', True), mean, std),
-                       seed=_derived_seed(seed, 1, process_index))
+    if transform is None:  # ``transform``: another augmentation, e.g. fine-tuning's RandAugment
+        transform = RandomResizedCropFlip(data_cfg.image_size, _opt(data_cfg, 'crop_scale', (0.2, 1.0)),
+                                          _opt(data_cfg, 'hflip', True), mean, std)
+    ds = ds.random_map(transform, seed=_derived_seed(seed, 1, process_index))
     ds = ds.batch(batch, drop_remainder=True)
     workers = int(_opt(data_cfg, 'num_workers', 0))
     mp_options = None

@@ -215,8 +215,8 @@ class ClassifierTask:
         self.batch_transform = batch_transform
         rep = parallel.replicated(mesh)
         self.aux = jax.device_put(aux, rep)
-        self.init_vars = init_vars  # () -> (params, stats)
-        abstract = jax.eval_shape(self._new_state)
+        self.init_vars = init_vars  # () -> (params, stats), concrete (passed to the jitted init, not baked in)
+        abstract = jax.eval_shape(self._new_state, *init_vars())
         self.state_sharding = jax.tree.map(lambda _: rep, abstract)
         self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                            abstract, self.state_sharding)
@@ -226,13 +226,12 @@ class ClassifierTask:
         self._eval = jax.jit(self._eval_step, in_shardings=(self.state_sharding, bs, rep), out_shardings=rep)
         self.best, self.last = {'top1': 0.0}, {}
 
-    def _new_state(self):
-        params, stats = self.init_vars()
+    def _new_state(self, params, stats):
         return {'step': jnp.zeros((), jnp.int32), 'params': params, 'stats': stats,
                 'opt_state': self.tx.init(params)}
 
     def init_state(self):
-        return jax.jit(self._new_state, out_shardings=self.state_sharding)()
+        return jax.jit(self._new_state, out_shardings=self.state_sharding)(*self.init_vars())
 
     def _train_step(self, state, batch, aux):
         rng = train.step_rng(self.config.seed, state['step'])

@@ -1,0 +1,76 @@
+"""Fine-tuning, MAE's recipe (``main_finetune.py``), as a task of the shared training loop.
+
+The pre-trained encoder goes into a :class:`model.Classifier` (mean-pooled tokens, then
+``fc_norm`` and the head), trained end to end with AdamW and layer-wise lr decay
+(:func:`optim.make_finetune_optimizer`), drop path, RandAugment on the host
+(:class:`augment.RandAugmentCropFlip`), and on the device mixup / cutmix with label
+smoothing and random erasing (:mod:`colormae_jax.augment`). Top-1 on the eval split every
+``eval_every_epochs``; the best and last values are logged and saved.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from colormae_jax import augment, config_lib, data, model as model_lib, optim, train
+from colormae_jax.evaluate import ClassifierTask
+
+
+def run(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, stop_after=None, deadline=None) -> dict:
+    f = config.finetune
+    bs = config.batch_size
+    graphdef, init_params, stats = model_lib.split_classifier(
+        model_lib.Classifier(c, config.num_classes, pool=f.pool, head='finetune', drop_path_rate=f.drop_path,
+                             rngs=nnx.Rngs(config.seed)))
+    try:
+        init_params = model_lib.load_encoder(init_params, params['encoder'])
+    except ValueError as e:
+        raise config_lib.ConfigError('init_from', str(e)) from None
+    spe = data.steps_per_epoch(config.data, bs)
+    if spe < 1:
+        raise config_lib.ConfigError('batch_size', f'{bs} is larger than the training split')
+    total = config_lib.resolve_steps(config, 'total', spe)
+    warmup = config_lib.resolve_steps(config, 'warmup', spe)
+    schedule = train.make_schedule(config, total, warmup)
+    tx = optim.make_finetune_optimizer(schedule, init_params, depth=c.depth, layer_decay=f.layer_decay,
+                                       weight_decay=config.wd, b1=config.b1, b2=config.b2)
+    transform = augment.RandAugmentCropFlip(config.data.image_size, f.randaug_ops, f.randaug_magnitude,
+                                            scale=tuple(f.get('crop_scale', (0.08, 1.0))))
+    it = data.make_train_iterator(config.data, global_batch_size=bs, seed=config.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  transform=transform)
+    mean, std = config.data.mean, config.data.std
+
+    def batch_transform(rng, batch):
+        k_mix, k_erase = jax.random.split(rng)
+        x = data.normalize(batch['image'], mean, std).astype(jnp.float32)
+        if f.mixup > 0 or f.cutmix > 0:
+            x, target = augment.mixup_cutmix(k_mix, x, batch['label'], mixup_alpha=f.mixup, cutmix_alpha=f.cutmix,
+                                             label_smoothing=f.label_smoothing, num_classes=config.num_classes)
+        else:
+            target = augment.smooth_labels(batch['label'], config.num_classes, f.label_smoothing)
+        if f.reprob > 0:
+            x = augment.random_erasing(k_erase, x, prob=f.reprob)
+        return dict(batch, image=x, target=target)
+
+    def forward(p, s, aux, batch, rng, train_mode):
+        x = batch['image']
+        if x.dtype == jnp.uint8:  # eval batches come as uint8 centre crops
+            x = data.normalize(x, mean, std)
+        return model_lib.classifier_apply(graphdef, p, s, x.astype(jnp.float32), train=train_mode, drop_key=rng)
+
+    def eval_batches():
+        return data.make_eval_iterator(config.data, split=config.data.eval_split, global_batch_size=bs,
+                                       process_index=jax.process_index(), process_count=jax.process_count(),
+                                       limit=f.get('max_test', 0))
+
+    task = ClassifierTask(config, mesh, name=f'fine-tuning ({c.width}x{c.depth}, layer decay {f.layer_decay})',
+                          forward=forward, init_vars=lambda: (init_params, stats), tx=tx, schedule=schedule, aux=(),
+                          total_steps=total, steps_per_epoch=spe, eval_batches=eval_batches,
+                          eval_every=max(1, int(round(config.eval_every_epochs * spe))),
+                          loss_fn=lambda logits, batch: augment.soft_cross_entropy(logits, batch['target']),
+                          batch_transform=batch_transform)
+    res = train.run(task, config, workdir, it, task.abstract_state, task.init_state, stop_after=stop_after,
+                    deadline=deadline)
+    return dict(res, results={'finetune/top1': task.last.get('top1'), 'finetune/best_top1': task.best['top1']})
