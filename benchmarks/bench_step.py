@@ -9,13 +9,13 @@ sizes, plus the ratio.
 """
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Config to time.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
@@ -29,99 +29,26 @@ _INPUT_BATCHES = flags.DEFINE_integer('input_batches', 0, 'Also time the grain i
 
 
 def time_jax(config) -> dict:
-    import jax
-    import numpy as np
-    from colormae_jax import masking, parallel, train
-
-    mesh = parallel.make_mesh(config.mesh)
-    t = train.make_trainer(config, mesh, steps_per_epoch=1000)
-    strategy = masking.create(config.mask, t.mae.grid)
-    aux = jax.device_put(strategy.init_aux(jax.random.PRNGKey(1)), parallel.replicated(mesh))
-    step = train.compile_step(t, strategy, jax.tree.map(lambda _: parallel.replicated(mesh), aux))
-    state = train.init_state(t)
-    n, s = config.batch_size, config.data.image_size
-    rng = np.random.default_rng(0)
-    batch = {'image': rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8), 'index': np.arange(n, dtype=np.int32)}
-    batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-    t0 = time.perf_counter()
-    for _ in range(_WARMUP.value):
-        state, m = step(state, batch, aux)
-    jax.block_until_ready(m)
-    warm_s = time.perf_counter() - t0
-    best = float('inf')
-    for _ in range(_REPEATS.value):
-        t0 = time.perf_counter()
-        for _ in range(_STEPS.value):
-            state, m = step(state, batch, aux)
-        jax.block_until_ready(m)
-        best = min(best, (time.perf_counter() - t0) / _STEPS.value)
-    mask_ms = time_mask(strategy, batch, aux)
-    try:  # XLA's count for the whole step (forward, backward, optimizer)
-        flops = float(step.lower(state, batch, aux).compile().cost_analysis()['flops'])
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        flops = float('nan')
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() or {}
-    if 'peak_bytes_in_use' in stats:
-        mem, mem_kind = stats['peak_bytes_in_use'] / 2 ** 30, 'device peak'
-    else:
-        mem, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 'host RSS peak'
-    return {'impl': 'colormae_jax', 'device': f'{jax.device_count()}x {dev.device_kind}', 'batch': n,
-            'step_ms': round(best * 1e3, 2), 'img_per_s': round(n / best, 1), 'mem_gb': round(mem, 2),
-            'mem_kind': mem_kind, 'compile_and_warmup_s': round(warm_s, 1), 'loss': float(m['loss']),
-            'gflops_per_step': round(flops / 1e9, 2), 'mask': strategy.name, 'mask_ms': round(mask_ms, 3), 'mask_share': round(mask_ms / (best * 1e3), 5)}
-
-
-def time_mask(strategy, batch, aux, repeats: int = 20) -> float:
-    """ms to make one batch's masks (scores + top_k partition) alone, jitted."""
-    import jax
-    f = jax.jit(lambda k, b, a: strategy(k, b, a))
-    jax.block_until_ready(f(jax.random.PRNGKey(0), batch, aux))
-    t0 = time.perf_counter()
-    for i in range(repeats):
-        out = f(jax.random.PRNGKey(i), batch, aux)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / repeats * 1e3
+    return benchlib.time_step(config, steps=_STEPS.value, warmup=_WARMUP.value, repeats=_REPEATS.value)
 
 
 def time_input(config) -> dict | None:
-    """The grain pipeline alone (decode, RandomResizedCrop, flip, batch), in img/s."""
     if not _INPUT_BATCHES.value:
         return None
-    from colormae_jax import data
-    it = data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
-    try:
-        next(it)  # workers started, first batch in
-        t0 = time.perf_counter()
-        for _ in range(_INPUT_BATCHES.value):
-            next(it)
-        dt = time.perf_counter() - t0
-    finally:
-        it.close()
-    return {'batches': _INPUT_BATCHES.value, 'batch': config.batch_size, 'workers': config.data.num_workers,
-            'img_per_s': round(_INPUT_BATCHES.value * config.batch_size / dt, 1)}
+    return benchlib.time_input(config.data, batch_size=config.batch_size, batches=_INPUT_BATCHES.value)
 
 
 def time_torch(config) -> dict | None:
     from colormae_jax import model
-    if _NO_TORCH.value or not os.path.exists(_TORCH_REF.value):
-        return None
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if _NO_TORCH.value:
         return None
     name, patch = model.parse_variant(config.model.variant)
     if name not in ('Ti', 'S', 'B', 'L', 'H'):
         return None
-    d = config.model.decoder
-    cmd = [sys.executable, _TORCH_REF.value, '--variant', name, '--img', str(config.data.image_size),
-           '--patch', str(patch), '--batch', str(config.batch_size), '--steps', str(_STEPS.value * _REPEATS.value),
-           '--warmup', str(_WARMUP.value), '--dec-dim', str(d.width), '--dec-depth', str(d.depth),
-           '--dec-heads', str(d.heads), '--mask-ratio', str(config.mask.ratio)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    res['cmd'] = ' '.join(cmd)
-    return res
+    return benchlib.torch_reference(_TORCH_REF.value, variant=name, image=config.data.image_size, patch=patch,
+                                    batch=config.batch_size, dec=dict(config.model.decoder),
+                                    mask_ratio=config.mask.ratio, steps=_STEPS.value * _REPEATS.value,
+                                    warmup=_WARMUP.value)
 
 
 def main(argv):
@@ -134,7 +61,7 @@ def main(argv):
     inp = time_input(config)
     if inp:
         result['input_pipeline'] = inp
-    if len(rows) == 2:
+    if len(rows) == 2 and 'img_per_s' in rows[1]:
         result['speedup_vs_torch'] = round(rows[0]['img_per_s'] / rows[1]['img_per_s'], 3)
     print(f"\n{config.model.variant} @ {config.data.image_size}px, decoder {dict(config.model.decoder)}, "
           f"batch {config.batch_size}, {config.model.compute_dtype}")

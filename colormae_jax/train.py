@@ -432,8 +432,9 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
     progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                                every_steps=config.log_every_steps, every_secs=None)
     bsh = parallel.batch_sharding(mesh)
-    losses, pending, data_wait = [], [], 0.0
+    losses, pending, data_wait, data_wait_total = [], [], 0.0, 0.0
     end = total if stop_after is None else min(total, start + stop_after)
+    loop_t0 = time.perf_counter()
     if start >= total:
         logging.info('Training is already complete (step %d of %d); nothing to do.', start, total)
     else:
@@ -463,6 +464,7 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
                 t0 = time.perf_counter()
                 batch = data.to_global(task.host_batch(step - 1, next(it)), lambda name, x: bsh)
                 data_wait += time.perf_counter() - t0
+                data_wait_total += time.perf_counter() - t0
             state, m = task.step(step - 1, state, batch)
             pending.append(m)
             progress(step)
@@ -476,5 +478,6 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
                 logging.warning('Saved step %d after SIGTERM (or the deadline); exiting.', step)
                 break
         flush(step)
-    return {'losses': losses, 'state': state, 'step': step, 'total_steps': total}
+    return {'losses': losses, 'state': state, 'step': step, 'total_steps': total,
+            'loop_seconds': time.perf_counter() - loop_t0, 'data_wait_seconds': data_wait_total}
 

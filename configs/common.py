@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
         norm_pix_loss=True,
         compute_dtype='float32',    # 'bfloat16' computes in bf16; params stay float32
         attn_impl='auto',           # 'auto' | 'xla' | 'cudnn' (jax.nn.dot_product_attention) | 'einsum'
+        remat=False,                # recompute each block in the backward pass (less memory, more FLOPs)
     ))
 
     c.mask = ml_collections.ConfigDict(dict(

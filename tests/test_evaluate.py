@@ -110,3 +110,19 @@ def test_study_smoke_end_to_end(pretrained, tmp_path):
         assert run['linear_probe_done'] and run['knn_curve'] and 0 <= run['linear/top1'] <= 100
     assert '| green |' in (out / 'results.md').read_text()
     assert (out / 'study.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_finetune_trains_end_to_end_and_resumes(pretrained, tmp_path):
+    root, dd, mae = pretrained
+    c = _eval_config('finetune', root, dd, mae, **{'total_steps': 8, 'ckpt.every_steps': 4})
+    full = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=DEV)
+    assert full['step'] == 8 and np.isfinite(full['losses']).all()
+    assert 0 <= full['results']['finetune/top1'] <= 100
+    from colormae_jax.tools import convert
+    pre, _, _ = convert.load_any_params(mae)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         full['state']['params']['encoder']['blocks'][0], pre['encoder']['blocks'][0])
+    assert max(jax.tree.leaves(moved)) > 0  # the encoder is fine-tuned, not frozen
+    first = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV, stop_after=5)
+    second = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV)
+    assert first['losses'] + second['losses'][1:] == full['losses']  # resumed from step 4
