@@ -101,9 +101,19 @@ def new_state(config, c, tx) -> dict:
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
 
-def init_state(t: Trainer) -> dict:
-    """A fresh train state, created directly in its shardings."""
-    return jax.jit(lambda: new_state(t.config, t.mae, t.tx), out_shardings=t.state_sharding)()
+def init_state(t: Trainer, params: Any = None) -> dict:
+    """A fresh train state, created directly in its shardings; from ``params`` (e.g. imported
+    weights, same tree as the model's) instead of a random init when given."""
+    if params is None:
+        return jax.jit(lambda: new_state(t.config, t.mae, t.tx), out_shardings=t.state_sharding)()
+    want = t.abstract_state['params']
+    bad = [jax.tree_util.keystr(p) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(want),
+                                                        jax.tree.leaves(params)) if a.shape != np.shape(b)]
+    if jax.tree.structure(want) != jax.tree.structure(params) or bad:
+        raise config_lib.ConfigError('init_from', f'the params do not fit model.variant={t.config.model.variant!r} '
+                                                  f'and its decoder (first mismatches: {bad[:3]})')
+    make = lambda p: {'step': jnp.zeros((), jnp.int32), 'params': p, 'opt_state': t.tx.init(p)}  # noqa: E731
+    return jax.jit(make, out_shardings=t.state_sharding)(params)
 
 
 # ------------------------------------------------------------------------------ the step
@@ -227,7 +237,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | 
     task = PretrainTask(t, workdir)
     it = data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-    out = run(task, config, workdir, it, t.abstract_state, lambda: init_state(t), stop_after=stop_after,
+    def init_fn():
+        if not config.get('init_from'):
+            return init_state(t)
+        from colormae_jax import evaluate  # continue pre-training from another run or imported weights
+        params, _, desc = evaluate.load_pretrained(config.init_from)
+        logging.info('Starting from the params of %s.', desc)
+        return init_state(t, params)
+
+    out = run(task, config, workdir, it, t.abstract_state, init_fn, stop_after=stop_after,
               deadline=deadline)
     return dict(out, trainer=t)
 

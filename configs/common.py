@@ -6,6 +6,8 @@ from ml_collections.config_dict import placeholder
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.init_from = ''                # start from these params (a workdir, WORKDIR/checkpoints/STEP, a tools.convert
+                                    # import folder) instead of a random init; a resumed run ignores it
 
     c.data = ml_collections.ConfigDict(dict(
         source='folder',            # 'folder': <root>/<split>/<class>/*.jpg; 'tfds': a prepared array_record dataset
