@@ -33,7 +33,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from colormae_jax import config_lib, data, metrics, model as model_lib, parallel, train
+from colormae_jax import config_lib, data, metrics, model as model_lib, optim, parallel, train
 
 TASKS = ('knn', 'linear_probe', 'finetune')
 
@@ -63,11 +63,6 @@ def encoder_graph(c: model_lib.MAEConfig) -> nnx.GraphDef:
     return nnx.split(nnx.eval_shape(lambda: model_lib.ViTEncoder(c, rngs=nnx.Rngs(0))))[0]
 
 
-def pooled(tokens: jax.Array) -> dict:
-    """Encoder output [B, 1+N, D] (after its final norm) -> {'cls': [B, D], 'mean': [B, D]}."""
-    return {'cls': tokens[:, 0].astype(jnp.float32), 'mean': tokens[:, 1:].mean(1).astype(jnp.float32)}
-
-
 def make_feature_fn(c: model_lib.MAEConfig, data_cfg, mesh) -> Callable:
     """jit(encoder params, uint8 or float images) -> pooled features, sharded like the batch."""
     graphdef = encoder_graph(c)
@@ -76,7 +71,7 @@ def make_feature_fn(c: model_lib.MAEConfig, data_cfg, mesh) -> Callable:
         x = images
         if x.dtype == jnp.uint8:
             x = data.normalize(x, data_cfg.mean, data_cfg.std)
-        return pooled(nnx.merge(graphdef, enc_params)(x.astype(c.dtype)))
+        return model_lib.pooled_features(nnx.merge(graphdef, enc_params)(x.astype(c.dtype)))
 
     return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
 
@@ -163,15 +158,6 @@ class ProbeHead(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc(self.bn(x))
-
-
-def lars(schedule) -> optax.GradientTransformation:
-    """MAE's LARS (util/lars.py): momentum 0.9, no weight decay, and the trust ratio only on
-    matrices (1-D parameters such as biases are excluded, as MAE excludes them)."""
-    def matrices(p):
-        return jax.tree.map(lambda x: x.ndim > 1, p)
-    return optax.lars(schedule, weight_decay=0.0, weight_decay_mask=matrices, trust_ratio_mask=matrices,
-                      momentum=0.9)
 
 
 class ArraySource:
@@ -363,7 +349,7 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
 
         def forward(params, stats, aux, batch, rng, train_mode):
             x = data.normalize(batch['image'], config.data.mean, config.data.std).astype(c.dtype)
-            feats = jax.lax.stop_gradient(pooled(nnx.merge(enc_graph, aux)(x))[pool])
+            feats = jax.lax.stop_gradient(model_lib.pooled_features(nnx.merge(enc_graph, aux)(x))[pool])
             return _probe_apply(graphdef, params, stats, feats, train_mode)
         aux = enc_params
     else:
@@ -375,7 +361,7 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
     schedule = _schedule(config, total, warmup)
     eval_every = max(1, int(round(config.eval_every_epochs * spe)))
     task = ClassifierTask(config, mesh, name=f'linear probe ({mode}, {pool})', forward=forward, init_vars=init_vars,
-                          tx=lars(schedule), schedule=schedule, aux=aux, total_steps=total, steps_per_epoch=spe,
+                          tx=optim.make_lars(schedule), schedule=schedule, aux=aux, total_steps=total, steps_per_epoch=spe,
                           eval_batches=eval_batches, eval_every=eval_every)
     res = train.run(task, config, workdir, it, task.abstract_state, task.init_state, stop_after=stop_after,
                     deadline=deadline)

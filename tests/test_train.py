@@ -101,3 +101,15 @@ def test_fsdp_shards_params_and_matches():
     assert 'fsdp' in str(kernel.sharding.spec)
     _, l1, _ = run_steps(smoke_config(base_lr=0.05), jax.devices()[:1], batch, 2)
     np.testing.assert_allclose(l, l1, rtol=1e-5)
+
+
+def test_remat_gives_the_same_step():
+    batch = synthetic_batch(8)
+    outs = []
+    for remat in (False, True):
+        c = smoke_config(batch_size=8)
+        c.model.remat = remat
+        _, losses, m = run_steps(c, jax.devices()[:1], batch, 2)
+        outs.append((losses, float(m['grad_norm'])))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5)
