@@ -3,7 +3,8 @@
 Each step directory holds three items:
   state  - the train state (sharded arrays; restored onto the current mesh),
   data   - the grain iterator state (one file per process), so a resumed run sees
-           exactly the batches it would have seen,
+           exactly the batches it would have seen (with another process count: the
+           same batch count, in a new order, see ``Checkpointer._restart_data``),
   config - the run's config as JSON, to explain a mismatch in words,
 and optional extra items, e.g. ``famt`` (the FAMT weight store, sharded per process).
 """
@@ -11,14 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 EXTRA_ITEMS = ('famt', 'eval')
+# Keys of a data iterator state that depend on the process layout (data.TrainIterator's fingerprint).
+PROCESS_LAYOUT_KEYS = ('process_index', 'process_count', 'batch')
 
 # Config keys that fix the shapes of the train state.
 SHAPE_KEYS = ('model.variant', 'model.decoder.width', 'model.decoder.depth', 'model.decoder.heads',
@@ -109,14 +115,54 @@ class Checkpointer:
         """Restores the state onto the shardings of ``abstract_state`` (ShapeDtypeStructs with
         shardings: resharding across meshes and process counts is orbax's job) and sets
         ``data_iter`` in place. Returns ``(state, {item: restored tree})`` for the items of
-        ``extra`` ({item: abstract tree}, or None)."""
+        ``extra`` ({item: abstract tree, or a function of the item's saved metadata that
+        returns one}, or None).
+
+        A checkpoint written by another number of processes restores the state as usual; the
+        data iterator restarts at the saved batch count (see :meth:`_restart_data`)."""
+        if extra:
+            metas = self.manager.item_metadata(step)
+            extra = {k: v(metas.get(k)) if callable(v) else v for k, v in extra.items()}
         self.check_compatible(step, abstract_state, config, extra)
         args = {'state': ocp.args.StandardRestore(abstract_state)}
         args.update({k: ocp.args.StandardRestore(v) for k, v in (extra or {}).items()})
-        if data_iter is not None:
+        written_by = self.data_process_count(step) if data_iter is not None else None
+        if data_iter is not None and written_by in (None, jax.process_count()):
             args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        if 'data' not in args and data_iter is not None:
+            self._restart_data(step, data_iter, written_by)
         return out['state'], {k: out[k] for k in (extra or {})}
+
+    def _data_dir(self, step: int) -> epath.Path:
+        return epath.Path(self.directory) / str(step) / 'data'
+
+    def data_process_count(self, step: int) -> int | None:
+        """How many processes wrote the data iterator state of ``step`` (grain writes one
+        ``process_<i>-of-<n>.json`` per process), or None without one."""
+        d = self._data_dir(step)
+        counts = {int(m.group(1)) for f in (d.iterdir() if d.exists() else ())
+                  if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', f.name))}
+        return counts.pop() if len(counts) == 1 else None
+
+    def _restart_data(self, step: int, data_iter: Any, written_by: int) -> None:
+        """The iterator state of a run with another process count cannot be carried over
+        (each process read its own shard). Sets ``data_iter`` to the saved batch count with
+        this run's layout: the same position in the epoch, in a new order of the examples."""
+        saved = json.loads((self._data_dir(step) / f'process_0-of-{written_by}.json').read_text())
+        now = data_iter.get_state()
+        if not (isinstance(saved, dict) and isinstance(now, dict) and 'step' in saved and 'step' in now):
+            raise CheckpointMismatch(f'{self.directory}/{step} was written by {written_by} processes and the data '
+                                     f'iterator state cannot be carried over to {jax.process_count()}; relaunch with '
+                                     f'{written_by} processes')
+        if 'batch' in saved and 'batch' in now and saved['batch'] * written_by != now['batch'] * jax.process_count():
+            raise CheckpointMismatch(f'{self.directory}/{step}: global batch {saved["batch"] * written_by} in the '
+                                     f'checkpoint, {now["batch"] * jax.process_count()} now')
+        data_iter.set_state({**saved, **{k: now[k] for k in PROCESS_LAYOUT_KEYS if k in now}})
+        logging.warning('%s/%d was written by %d processes, this run has %d: the train state is resharded; the '
+                        'data iterator restarts at batch %d (epoch %.2f) in a new order of the examples.',
+                        self.directory, step, written_by, jax.process_count(), saved['step'],
+                        saved['step'] * now.get('batch', 0) * jax.process_count() / max(now.get('examples', 1), 1))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -95,6 +95,13 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
         raise ConfigError(e.key, str(e)) from None
     _validate_run(config, num_devices)
     _validate_data(config.data, check_data)
+    knn = config.get('knn')
+    if knn is not None and knn.get('every_epochs') and check_data and config.data.source == 'folder':
+        split = os.path.join(config.data.root, config.data.eval_split)
+        _check(os.path.isdir(split), 'knn.every_epochs',
+               f'the kNN monitor needs the eval split {split!r}, which does not exist; set data.eval_split to one of '
+               f'{sorted(x for x in os.listdir(config.data.root) if os.path.isdir(os.path.join(config.data.root, x)))}'
+               f' or turn the monitor off with --config.knn.every_epochs=0')
 
 
 def _validate_run(config, num_devices: int) -> None:

@@ -151,11 +151,11 @@ def initialize(*, distributed: str | None = None, coordinator_address: str | Non
         how = f'detected {found[0]}' if found is not None and found[1] > 1 else None
 
     if how is not None:
-        if count is not None and count > 1 and (address is None or pid is None) and detect_cluster() is None:
-            missing = [f'--{n} (or {ENV[n]})' for n, v in (('coordinator_address', address), ('process_id', pid))
-                       if v is None]
-            raise DistributedError(f'a {count}-process run outside a TPU pod, SLURM or Open MPI job needs '
-                                   f'{" and ".join(missing)} on every process')
+        missing = [f'--{n} (or {ENV[n]})' for n, v in (('coordinator_address', address), ('num_processes', count),
+                                                        ('process_id', pid)) if v is None]
+        if missing and detect_cluster() is None:
+            raise DistributedError(f'a multi-process run outside a TPU pod, SLURM or Open MPI job needs '
+                                   f'{", ".join(missing)} on every process')
         platforms = str(env.get('JAX_PLATFORMS', '') or jax.config.jax_platforms or '')
         if collectives is None and platforms.split(',')[0].strip().lower() == 'cpu':
             collectives = 'gloo'

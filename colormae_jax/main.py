@@ -10,10 +10,12 @@ the coordinator and its rank (flags, or the COLORMAE_* environment variables):
   python -m colormae_jax.main --config ... --workdir ... \
       --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=0
 """
+import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from colormae_jax import distributed, train
+from colormae_jax import data, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/cifar10.py:smoke',
                                           lock_config=True)
@@ -56,6 +58,17 @@ def _drop_io_chatter(record) -> bool:
     return record.levelno >= 30 or ('/orbax/' not in record.pathname and '/grain/' not in record.pathname)
 
 
+def prepare_data_once(config) -> None:
+    """With several processes, process 0 prepares the data (an image folder is converted to
+    array_record on first use) while the others wait, so that they do not race to write the
+    same files on a shared disk; then each process checks (or prepares) its own view."""
+    if jax.process_count() == 1 or 'data' not in config:
+        return
+    if jax.process_index() == 0:
+        data.prepare(config.data)
+    multihost_utils.sync_global_devices('colormae_jax.main: data prepared')
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -68,6 +81,7 @@ def main(argv):
     except distributed.DistributedError as e:
         raise app.UsageError(str(e)) from None
     configure_logging(info.process_index)
+    prepare_data_once(_CONFIG.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

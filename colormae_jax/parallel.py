@@ -91,5 +91,7 @@ def global_batch_check(global_batch: int, mesh: Mesh) -> None:
     if global_batch % n:
         raise ValueError(f'batch_size={global_batch} is not divisible by the {n} devices of the mesh; '
                          f'use a multiple of {n}')
-    if global_batch % jax.process_count():
-        raise ValueError(f'batch_size={global_batch} is not divisible by the {jax.process_count()} processes')
+    p = jax.process_count()
+    if global_batch % p:
+        raise ValueError(f'batch_size={global_batch} is not divisible by the {p} processes (each reads batch_size / '
+                         f'{p} examples per step); use a multiple of {p}, e.g. {p * max(1, global_batch // p)}')

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pre-train on this machine (CPU or its GPUs) with a config file.
+# Pre-train on this machine (CPU or its GPUs) with a config file, in one process.
 set -euo pipefail
 
 usage() {
@@ -15,13 +15,15 @@ Example:
 USAGE
 }
 
+die() { echo "error: $*" >&2; usage >&2; exit 2; }
+
 if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then usage; exit 0; fi
-if [[ $# -lt 2 ]]; then usage >&2; exit 2; fi
+if [[ $# -lt 2 ]]; then die "CONFIG and WORKDIR are required"; fi
 config="$1"; workdir="$2"; shift 2
 if [[ $# -gt 0 ]]; then
-  if [[ "$1" != "--" ]]; then echo "error: extra flags go after --" >&2; usage >&2; exit 2; fi
+  [[ "$1" == "--" ]] || die "extra flags go after --"
   shift
 fi
-if [[ ! -f "${config%%:*}" ]]; then echo "error: config file ${config%%:*} not found" >&2; exit 2; fi
+[[ -f "${config%%:*}" ]] || die "config file ${config%%:*} not found"
 
-exec python3 -m colormae_jax.main --config="$config" --workdir="$workdir" "$@"
+exec "${PYTHON:-python3}" -m colormae_jax.main --config="$config" --workdir="$workdir" "$@"

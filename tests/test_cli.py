@@ -15,7 +15,7 @@ def run_main(*flags, env_extra=None):
 
 
 def test_main_smoke_with_overrides(tmp_path):
-    root = make_folder(tmp_path / 'imgs', per_class=8)
+    root = make_folder(tmp_path / 'imgs', per_class=8, splits=('train', 'test'))
     wd = tmp_path / 'wd'
     r = run_main('--config=configs/cifar10.py:smoke', f'--workdir={wd}', f'--config.data.root={root}',
                  f'--config.data.data_dir={tmp_path / "tfds"}', '--config.batch_size=4', '--config.total_steps=3',

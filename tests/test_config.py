@@ -15,6 +15,7 @@ def smoke(tmp_path, **over):
     c = cifar10.get_config('smoke')
     c.data.root = str(tmp_path)
     (tmp_path / 'train').mkdir(exist_ok=True)
+    (tmp_path / 'test').mkdir(exist_ok=True)
     return override(c, **over)
 
 
@@ -43,7 +44,7 @@ def test_config_arg_parsing():
     ('mask.ratio', 0.0, r'config.mask.ratio: must be in \(0, 1\)'),
     ('mask.throw_ratio', 0.25, 'config.mask.ratio: .*leave 0 visible'),
     ('batch_size', 30, 'config.batch_size: 30 is not divisible by the 4 devices'),
-    ('mask.strategy', 'purple-ish', "config.mask.strategy: 'purple-ish' is unknown; valid: \\['blue', 'green'"),
+    ('mask.strategy', 'purple-ish', "config.mask.strategy: 'purple-ish' is unknown; valid: \\['blue', 'famt', 'green'"),
     ('data.root', '/nonexistent/cifar', "config.data.root: '/nonexistent/cifar' is not a directory"),
     ('data.split', 'val', 'config.data.split: .*does not exist; the splits'),
     ('mesh', (('data', 3),), 'config.mesh: .*does not fit 4 devices'),

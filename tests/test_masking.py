@@ -60,5 +60,5 @@ def test_random_strategy_has_no_position_bias():
 
 
 def test_unknown_strategy():
-    with pytest.raises(ValueError, match="valid: \\['blue', 'green', 'purple', 'random', 'red'"):
+    with pytest.raises(ValueError, match="valid: \\['blue', 'famt', 'green', 'purple', 'random', 'red'"):
         masking.create(_cfg(), grid=8, name='nope')

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from colormae_jax import parallel
@@ -238,20 +239,71 @@ class WeightStore:
             index, weights = index[np.asarray(valid)], weights[np.asarray(valid)]
         self.table[self.rows_of(index)] = weights
 
-    # -- checkpointing: a global array [process_count * rows, N], each process's rows on its
-    # own devices (sharded like a batch), so that every process saves and restores its part.
+    # -- checkpointing: a global array [process_count * rows, N], process p's rows at
+    # [p * rows, (p + 1) * rows) on its own devices (a 1-D mesh of the devices in process
+    # order, whatever the training mesh's device order), so that every process saves and
+    # restores its part; ``process_examples`` (examples per process, one entry per process)
+    # records the layout, so that a checkpoint written by another process count is remapped.
     def to_global(self, mesh) -> dict:
-        table = multihost_utils.host_local_array_to_global_array(self.table, mesh, parallel.batch_spec(mesh))
-        return {'table': table, 'updated_at': self.updated_at}
+        table = multihost_utils.host_local_array_to_global_array(self.table, _store_mesh(mesh),
+                                                                 parallel.batch_spec(_store_mesh(mesh)))
+        return {'table': table, 'process_examples': self._process_examples(self.process_count),
+                'updated_at': self.updated_at}
 
-    def abstract(self, mesh) -> dict:
-        shape = (self.rows * self.process_count, self.grid * self.grid)
-        return {'table': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=parallel.batch_sharding(mesh)),
-                'updated_at': np.zeros((), np.int64)}
+    def _process_examples(self, process_count: int) -> np.ndarray:
+        return np.asarray([len(range(p, self.num_examples, process_count)) for p in range(process_count)],
+                          np.int64)
+
+    def abstract(self, mesh):
+        """The restore target, as a function of the saved item's metadata (see
+        ``checkpoint.Checkpointer.restore``): this layout's sharded table when the checkpoint
+        was written with it; the whole table on every host (to remap in :meth:`load`) when it
+        was written by another process count or padding; this layout's shapes otherwise, so
+        that the mismatch is reported (another dataset size or patch grid)."""
+        n_cells = self.grid * self.grid
+        own = {'table': jax.ShapeDtypeStruct((self.rows * self.process_count, n_cells), jnp.float32,
+                                             sharding=parallel.batch_sharding(_store_mesh(mesh))),
+               'process_examples': np.zeros((self.process_count,), np.int64),
+               'updated_at': np.zeros((), np.int64)}
+
+        def target(saved) -> dict:
+            saved = getattr(saved, 'tree', saved)
+            if saved is None or 'process_examples' not in saved:  # written before the layout was recorded
+                return {k: v for k, v in own.items() if k != 'process_examples'}
+            shape, p_old = tuple(saved['table'].shape), int(saved['process_examples'].shape[0])
+            if (p_old, shape) == (self.process_count, own['table'].shape):
+                return own
+            if shape[1] != n_cells or shape[0] % p_old or shape[0] // p_old < math.ceil(self.num_examples / p_old):
+                return own  # not this dataset or grid: check_compatible names the difference
+            return {'table': np.empty(shape, np.float32), 'process_examples': np.zeros((p_old,), np.int64),
+                    'updated_at': np.zeros((), np.int64)}
+        return target
 
     def load(self, restored: dict, mesh) -> None:
-        self.table = np.array(parallel.local_rows(restored['table'], mesh))
         self.updated_at = np.asarray(restored['updated_at'], np.int64)
+        table, counts = restored['table'], restored.get('process_examples')
+        if counts is not None and int(np.sum(counts)) != self.num_examples:
+            raise ValueError(f'the checkpoint\'s FAMT weight store holds {int(np.sum(counts))} examples, the dataset '
+                             f'{self.num_examples}: use a new --workdir for another dataset')
+        if isinstance(table, jax.Array):  # written with this layout: each process restored its rows
+            self.table = np.array(parallel.local_rows(table, _store_mesh(mesh)))
+            return
+        # Written by len(counts) processes: every host read the whole table; take this process's examples.
+        p_old = len(counts)
+        rows_old = table.shape[0] // p_old
+        examples = np.arange(self.rows) * self.process_count + self.process_index
+        ok = examples < self.num_examples
+        self.table = np.ones((self.rows, self.grid * self.grid), np.float32)
+        self.table[ok] = np.asarray(table)[(examples[ok] % p_old) * rows_old + examples[ok] // p_old]
+        logging.warning('FAMT weight store written by %d processes (%d rows each) remapped to %d processes (%d rows '
+                        'each; this is process %d).', p_old, rows_old, self.process_count, self.rows, self.process_index)
+
+
+def _store_mesh(mesh) -> jax.sharding.Mesh:
+    """The devices of ``mesh`` in process order, as one 'data' axis: the store's global layout
+    is [process 0's rows, process 1's rows, ...] whatever the training mesh's device order."""
+    devices = sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id))
+    return jax.sharding.Mesh(np.asarray(devices), ('data',))
 
 
 def update_pass(store: WeightStore, weights_fn, batches, mesh, *, show_progress: bool,
