@@ -23,7 +23,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 from absl import app, flags
 from ml_collections import config_flags

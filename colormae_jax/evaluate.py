@@ -22,7 +22,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import grain
 import jax
@@ -93,9 +93,9 @@ def extract(feature_fn, enc_params, data_cfg, *, split: str, batch_size: int, me
         out['index'].append(b['index'][valid])
     local = {k: np.concatenate(v) for k, v in out.items()}
     if jax.process_count() > 1:  # every process gets every example (padded gathers, then trimmed)
-        n = int(multihost_utils.process_allgather(np.asarray(len(local['label']))).max())
-        pad = {k: np.concatenate([v, np.zeros((n - len(v),) + v.shape[1:], v.dtype)]) for k, v in local.items()}
         cnt = multihost_utils.process_allgather(np.asarray(len(local['label'])))
+        n = int(cnt.max())
+        pad = {k: np.concatenate([v, np.zeros((n - len(v),) + v.shape[1:], v.dtype)]) for k, v in local.items()}
         allv = {k: multihost_utils.process_allgather(v) for k, v in pad.items()}
         local = {k: np.concatenate([allv[k][p][:cnt[p]] for p in range(len(cnt))]) for k in pad}
     order = np.argsort(local['index'], kind='stable')

@@ -96,8 +96,9 @@ def make_trainer(config, mesh, steps_per_epoch: int) -> Trainer:
     return Trainer(config, mesh, graphdef, c, tx, schedule, shardings, abstract, total, warmup, steps_per_epoch)
 
 
-def new_state(config, c, tx) -> dict:
-    params = init_params(config, c)
+def new_state(config, c, tx, params: Any = None) -> dict:
+    """Step 0, ``params`` (a random init when None) and a fresh optimizer state."""
+    params = init_params(config, c) if params is None else params
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
 
@@ -112,8 +113,7 @@ def init_state(t: Trainer, params: Any = None) -> dict:
     if jax.tree.structure(want) != jax.tree.structure(params) or bad:
         raise config_lib.ConfigError('init_from', f'the params do not fit model.variant={t.config.model.variant!r} '
                                                   f'and its decoder (first mismatches: {bad[:3]})')
-    make = lambda p: {'step': jnp.zeros((), jnp.int32), 'params': p, 'opt_state': t.tx.init(p)}  # noqa: E731
-    return jax.jit(make, out_shardings=t.state_sharding)(params)
+    return jax.jit(lambda p: new_state(t.config, t.mae, t.tx, p), out_shardings=t.state_sharding)(params)
 
 
 # ------------------------------------------------------------------------------ the step
@@ -442,9 +442,9 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
     ``task`` provides ``mesh``, ``total_steps``, ``steps_per_epoch``, ``describe()``,
     ``before_step(step0, state, writer, progress)``, ``host_batch(step0, batch)``,
     ``step(step0, state, global_batch) -> (state, metrics)``, ``after_step(step, state, writer)``,
-    ``extra()`` / ``abstract_extra()`` / ``load_extra(restored)`` (more checkpoint items). Metrics are fetched and NaN-checked every
-    ``log_every_steps`` and before every save; checkpoints every ``ckpt.every_steps``, at the
-    end, on SIGTERM and when ``deadline`` (a ``time.time()``) has passed, which stops the loop.
+    ``extra()`` / ``abstract_extra()`` / ``load_extra(restored)`` (more checkpoint items).
+    Metrics are fetched and NaN-checked every ``log_every_steps`` and before every save;
+    checkpoints every ``ckpt.every_steps``, at the end, on SIGTERM and when ``deadline`` (a ``time.time()``) has passed, which stops the loop.
     """
     mesh, spe, total = task.mesh, task.steps_per_epoch, task.total_steps
     progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
@@ -481,8 +481,9 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
             with progress.timed('data', wait_jax_async_dispatch=False):
                 t0 = time.perf_counter()
                 batch = data.to_global(task.host_batch(step - 1, next(it)), lambda name, x: bsh)
-                data_wait += time.perf_counter() - t0
-                data_wait_total += time.perf_counter() - t0
+                waited = time.perf_counter() - t0
+                data_wait += waited
+                data_wait_total += waited
             state, m = task.step(step - 1, state, batch)
             pending.append(m)
             progress(step)

@@ -202,12 +202,9 @@ def default_side(grid: int) -> int:
 
 
 def _factory(name: str, grid: int, cfg: Any) -> ColourNoiseMasking:
-    n = cfg.get('noise', {}) or {}
-    get = lambda k, d: n.get(k, d) if hasattr(n, 'get') else d  # noqa: E731
-    side = int(get('side', 0)) or default_side(grid)
-    return ColourNoiseMasking(name, grid, cfg.ratio, cfg.get('throw_ratio', 0.0), bank_size=int(get('bank_size', 1024)),
-                              side=side, sigma=float(get('sigma', 1.5)), sigma1=float(get('sigma1', 0.8)),
-                              sigma2=float(get('sigma2', 2.0)), path=str(get('path', '')))
+    noise = cfg.get('noise', None)
+    side = (noise.get('side', 0) if noise is not None else 0) or default_side(grid)
+    return core.from_config(ColourNoiseMasking, name, grid, cfg, 'noise', side=side)
 
 
 for _c in COLOURS:

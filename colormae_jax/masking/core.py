@@ -15,7 +15,6 @@ randomness comes from the ``rng`` key.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -118,9 +117,20 @@ class RandomMasking(Strategy):
         return jax.random.uniform(rng, (b, self.grid * self.grid))
 
 
+def from_config(cls: type, name: str, grid: int, mask_cfg, section: str | None = None, **fixed) -> Strategy:
+    """``cls(name, grid, mask.ratio, mask.throw_ratio, ...)`` with every other dataclass field
+    of ``cls`` that ``mask_cfg[section]`` sets (the rest keep their defaults), then ``fixed``."""
+    sub = mask_cfg.get(section) if section else None
+    base = {'name', 'grid', 'mask_ratio', 'throw_ratio'}
+    kw = {f.name: sub[f.name] for f in dataclasses.fields(cls)
+          if sub is not None and f.name not in base and f.name in sub}
+    kw.update(fixed)
+    return cls(name, grid, mask_cfg.ratio, mask_cfg.get('throw_ratio', 0.0), **kw)
+
+
 # name -> factory(name, grid, mask_cfg) -> Strategy. Later strategies register here.
 _REGISTRY: dict[str, Callable[[str, int, Any], Strategy]] = {
-    'random': lambda name, grid, cfg: RandomMasking(name, grid, cfg.ratio, cfg.get('throw_ratio', 0.0)),
+    'random': lambda name, grid, cfg: from_config(RandomMasking, name, grid, cfg),
 }
 
 

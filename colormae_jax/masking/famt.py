@@ -192,14 +192,7 @@ class FAMTMasking(core.Strategy):
 
 
 def _factory(name: str, grid: int, cfg: Any) -> FAMTMasking:
-    f = cfg.get('famt', None)
-    get = (lambda k, d: f.get(k, d)) if f is not None else (lambda k, d: d)
-    return FAMTMasking(name, grid, cfg.ratio, cfg.get('throw_ratio', 0.0),
-                       warmup_epochs=float(get('warmup_epochs', 40.0)),
-                       update_every_epochs=float(get('update_every_epochs', 40.0)),
-                       freq_weight=float(get('freq_weight', 0.5)), freq_sigma=float(get('freq_sigma', 0.5)),
-                       min_weight=float(get('min_weight', 1e-3)), update_batch_size=int(get('update_batch_size', 0)),
-                       warmup_steps=get('warmup_steps', None), update_every_steps=get('update_every_steps', None))
+    return core.from_config(FAMTMasking, name, grid, cfg, 'famt')
 
 
 core.register('famt', _factory)
