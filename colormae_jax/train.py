@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from colormae_jax import checkpoint as ckpt_lib
 from colormae_jax import config_lib, data, masking, metrics, model as model_lib, parallel
@@ -184,26 +185,51 @@ def reconstruct(params, batch: Batch, aux: Any, step: jax.Array, *, t: Trainer, 
 # ------------------------------------------------------------------------------ the loop
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+    """When to stop early and save: on SIGTERM or once ``deadline`` (a ``time.time()``) has passed.
 
-    def __init__(self):
-        self.requested = False
+    One process: a SIGTERM handler sets a flag. Several processes must all stop at the same
+    step, or the collective save would hang: there JAX's preemption sync service (started by
+    ``jax.distributed``, whose own SIGTERM notifier must not be replaced by a Python handler)
+    picks the step (``CheckpointManager.reached_preemption``), and process 0's clock decides the
+    deadline for all, every ``check_every`` steps.
+    """
+
+    def __init__(self, ckpt, deadline: float | None, check_every: int):
+        self.ckpt, self.deadline, self.check_every = ckpt, deadline, check_every
+        self.multi = jax.process_count() > 1
+        self.signalled = False
         self._old = None
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        if not self.multi:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread
+                self._old = None
         return self
 
     def _handle(self, signum, frame):
         logging.warning('SIGTERM received: saving a checkpoint, then exiting.')
-        self.requested = True
+        self.signalled = True
 
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+    def __call__(self, step: int) -> bool:
+        """Whether to save and stop after ``step``; every process calls it at every step."""
+        if self.multi and self.ckpt.manager.reached_preemption(step):
+            logging.warning('Preemption sync point at step %d (SIGTERM on some process): saving, then exiting.',
+                            step)
+            return True
+        if self.signalled:
+            return True
+        if self.deadline is None or (self.multi and step % self.check_every):
+            return False
+        expired = time.time() > self.deadline
+        if self.multi:
+            expired = bool(multihost_utils.broadcast_one_to_all(np.asarray(expired)))
+        return expired
 
 
 def _check_finite(step: int, values: dict, ckpt: ckpt_lib.Checkpointer) -> None:
@@ -473,10 +499,8 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
         pending, data_wait = [], 0.0
 
     step = start
-    with _Preemption() as preempt:
+    with _Preemption(ckpt, deadline, config.log_every_steps) as should_stop:
         for step in range(start + 1, end + 1):
-            if deadline is not None and time.time() > deadline:
-                preempt.requested = True  # save below, then stop: the next call resumes here
             task.before_step(step - 1, state, writer, progress)
             with progress.timed('data', wait_jax_async_dispatch=False):
                 t0 = time.perf_counter()
@@ -487,13 +511,14 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
             state, m = task.step(step - 1, state, batch)
             pending.append(m)
             progress(step)
-            if step % config.log_every_steps == 0 or step == end or preempt.requested:
+            stop = should_stop(step)
+            if step % config.log_every_steps == 0 or step == end or stop:
                 flush(step)
-            if step % config.ckpt.every_steps == 0 or step == total or preempt.requested:
+            if step % config.ckpt.every_steps == 0 or step == total or stop:
                 flush(step)  # a state that follows a non-finite step is never saved
                 ckpt.save(step, state, it, config, force=True, extra=task.extra())
             task.after_step(step, state, writer)
-            if preempt.requested:
+            if stop:
                 logging.warning('Saved step %d after SIGTERM (or the deadline); exiting.', step)
                 break
         flush(step)

@@ -14,12 +14,14 @@ final step, and its FAMT weight store rows with their example indices (if any). 
 ``--restore_only`` first restores without training and writes the same of the restored
 state to ``OUT.p<process>.restored.npz``; ``--pause_at K --pause_process P`` makes process
 P write ``OUT.paused`` and sleep before its K-th step of this launch (the test kills it);
+``--sigterm_at K`` makes process ``--pause_process`` send itself SIGTERM before its K-th step;
 ``--concat_processes P`` (1 process) feeds the global batches a P-process run would see
 (:class:`ConcatIterator`).
 """
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -40,6 +42,7 @@ def parse():
     p.add_argument('--restore_only', action='store_true')
     p.add_argument('--pause_at', type=int, default=None)
     p.add_argument('--pause_process', type=int, default=1)
+    p.add_argument('--sigterm_at', type=int, default=None)
     p.add_argument('--concat_processes', type=int, default=None)
     p.add_argument('--heartbeat_timeout', type=int, default=10)
     p.add_argument('--initialization_timeout', type=int, default=60)
@@ -124,11 +127,13 @@ def main():
             tasks.append(self)
 
     train.PretrainTask = RecordedTask
-    if a.pause_at is not None and a.process_id == a.pause_process:
+    if a.process_id == a.pause_process and (a.pause_at or a.sigterm_at):
         real_to_global, calls = data.to_global, [0]
 
         def to_global(batch, sharding_for):
             calls[0] += 1
+            if calls[0] == a.sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
             if calls[0] == a.pause_at:
                 open(a.out + '.paused', 'w').close()
                 time.sleep(3600)  # killed by the test

@@ -12,7 +12,10 @@ the per-process weight store is exercised, 8 steps, global batch 8 on 4 CPU devi
   A1  A's step-4 checkpoint resumed by 1 process x 4 devices (2 -> 1);
   B   R's step-4 checkpoint resumed by 2 x 2 (1 -> 2), checkpointing every 2 steps, whose
       process 1 is killed before step 7: process 0 must stop by itself within the heartbeat
-      timeout; relaunched (B2), the run resumes from B's step-6 checkpoint and finishes.
+      timeout; relaunched (B2), the run resumes from B's step-6 checkpoint and finishes;
+  P   2 x 2 from scratch like A, whose process 1 alone gets SIGTERM before step 3: both
+      processes must save the same step (JAX's preemption sync point) and exit cleanly;
+      relaunched (P2), the run resumes there and ends with A's params.
 
 The workers share a persistent compilation cache (all of a 1-process run; only process 0
 of a 2-process run, whose cache keys differ between processes).
@@ -221,6 +224,18 @@ def resumed_on_two(base, runs):
     return b, {'log0': again.tail(0, 10 ** 6), 'final': final, 'restored': again.outputs('.restored')}
 
 
+@pytest.fixture(scope='module')
+def preempted(base, runs):
+    """P and P2: what each process of P wrote, P's checkpoints and logs, and P2's outputs."""
+    p = Workers(base, base / 'P', base / 'P', sigterm_at=3, pause_process=1)
+    outs = p.check()
+    first = {'outs': outs, 'logs': [p.tail(i, 10 ** 6) for i in range(2)],
+             'checkpoints': sorted(int(s) for s in os.listdir(base / 'P' / 'checkpoints') if s.isdigit())}
+    again = Workers(base, base / 'P', base / 'P2', restore_only=True)
+    final = again.check()
+    return first, {'final': final, 'restored': again.outputs('.restored'), 'log0': again.tail(0, 10 ** 6)}
+
+
 # ----------------------------------------------------------------------------- tests
 
 def test_start_up_settings():
@@ -329,3 +344,23 @@ def test_dead_process_stops_the_run_and_relaunch_resumes(resumed_on_two):
     np.testing.assert_array_equal(famt_by_example(b2['restored']), b['famt6'])
     final = b2['final'][0]
     assert int(final['step']) == 8 and len(final['losses']) == 2 and np.isfinite(final['losses']).all()
+
+
+def test_sigterm_on_one_process_saves_the_same_step_everywhere_and_resumes(runs, preempted):
+    p, p2 = preempted
+    steps = [int(o['step']) for o in p['outs']]
+    assert steps[0] == steps[1], steps  # both left the loop after the same step...
+    stop = steps[0]
+    assert 3 <= stop < 8, stop          # ...before the end, at the sync point after the signal
+    assert stop in p['checkpoints'] and max(p['checkpoints']) == stop
+    for log in p['logs']:
+        assert f'Preemption sync point at step {stop}' in log
+    assert_trees_close(params_of(p['outs'][0]), params_of(p['outs'][1]), rtol=0, atol=0)
+    # The relaunch resumes there and ends where the uninterrupted run A ended.
+    assert f'at step {stop}' in p2['log0']
+    assert [int(r['step']) for r in p2['restored']] == [stop, stop]
+    for out, a in zip(p2['final'], runs['A']):
+        assert int(out['step']) == 8
+        np.testing.assert_allclose(np.concatenate([p['outs'][0]['losses'], out['losses']]), a['losses'],
+                                   rtol=1e-6)
+        assert_trees_close(params_of(out), params_of(a), rtol=1e-6, atol=1e-7)
