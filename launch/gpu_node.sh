@@ -26,35 +26,29 @@ USAGE
 # Overlap the collectives (gradient all-reduce, fsdp gathers) with compute.
 GPU_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true"
 
-die() { echo "error: $*" >&2; usage >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [[ $# -ge 1 && "$1" == "--help" ]]; then usage; exit 0; fi
+help_if_asked "$@"
 gpus="" fraction="0.90" dry_run=0
 while getopts ":g:m:nh" opt; do
   case "$opt" in
     g) gpus="$OPTARG" ;;
     m) fraction="$OPTARG" ;;
     n) dry_run=1 ;;
-    h) usage; exit 0 ;;
-    :) die "option -$OPTARG needs a value" ;;
-    *) die "unknown option -$OPTARG" ;;
+    *) common_opt "$opt" ;;
   esac
 done
 shift $((OPTIND - 1))
 [[ -z "$gpus" || "$gpus" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "-g must be comma-separated GPU ids, e.g. 0,1, got '$gpus'"
 [[ "$fraction" =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]] || die "-m must be a fraction in (0, 1], got '$fraction'"
-if [[ $# -lt 2 ]]; then die "CONFIG and WORKDIR are required"; fi
-config="$1"; workdir="$2"; shift 2
-if [[ $# -gt 0 ]]; then
-  [[ "$1" == "--" ]] || die "extra flags go after --"
-  shift
-fi
-[[ -f "${config%%:*}" ]] || die "config file ${config%%:*} not found"
+parse_args "$@"
+check_config
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION="$fraction"
 export XLA_FLAGS="$GPU_XLA_FLAGS${XLA_FLAGS:+ $XLA_FLAGS}"
 if [[ -n "$gpus" ]]; then export CUDA_VISIBLE_DEVICES="$gpus"; fi
-cmd=("${PYTHON:-python3}" -m colormae_jax.main --config="$config" --workdir="$workdir" "$@")
+cmd=("${PYTHON:-python3}" -m colormae_jax.main --config="$CONFIG" --workdir="$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"})
 
 if (( dry_run )); then
   echo "XLA_FLAGS=$XLA_FLAGS"

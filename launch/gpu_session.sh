@@ -20,7 +20,8 @@ Usage: $(basename "$0") STAGE [ARGS]
                               resumable: run it again on the same (warm) machine to continue
   tests                       the CPU-independent tests on the GPU backend
 
-Wheels in .whl/ are installed into /tmp/site first when present.
+Wheels in .whl/ are installed into /tmp/site first when present; with PINNED=1 also
+.whl/pinned/ (our pinned flax, optax, orbax-checkpoint over the image's own versions).
 USAGE
 }
 
@@ -36,7 +37,10 @@ case "$stage" in
 esac
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  wheels=(.whl/*.whl)
+  if [[ "${PINNED:-0}" == 1 ]]; then wheels+=(.whl/pinned/*.whl); fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${wheels[@]}"
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TFDS_DATA_DIR="$PWD/.tfds"
@@ -45,7 +49,12 @@ case "$stage" in
   setup)
     find .data/cifar10 -maxdepth 1 -mindepth 1 -type d
     nvidia-smi -L
-    python3 -c 'import jax; print(jax.__version__, jax.devices())' ;;
+    python3 -c 'import jax; print(jax.__version__, jax.devices())'
+    python3 - <<'PY'
+from importlib.metadata import version
+print({p: version(p) for p in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'torch')})
+PY
+    ;;
   perf)
     python3 benchmarks/perf.py --out "$out" --torch_ref .data/torch_mae_ref.py 2>&1 | tee "$out/perf.log" ;;
   study)

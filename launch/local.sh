@@ -15,15 +15,11 @@ Example:
 USAGE
 }
 
-die() { echo "error: $*" >&2; usage >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then usage; exit 0; fi
-if [[ $# -lt 2 ]]; then die "CONFIG and WORKDIR are required"; fi
-config="$1"; workdir="$2"; shift 2
-if [[ $# -gt 0 ]]; then
-  [[ "$1" == "--" ]] || die "extra flags go after --"
-  shift
-fi
-[[ -f "${config%%:*}" ]] || die "config file ${config%%:*} not found"
+help_if_asked "$@"
+parse_args "$@"
+check_config
 
-exec "${PYTHON:-python3}" -m colormae_jax.main --config="$config" --workdir="$workdir" "$@"
+exec "${PYTHON:-python3}" -m colormae_jax.main --config="$CONFIG" --workdir="$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"}

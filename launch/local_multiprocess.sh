@@ -26,10 +26,11 @@ Example:
 USAGE
 }
 
-die() { echo "error: $*" >&2; usage >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 is_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 
-if [[ $# -ge 1 && "$1" == "--help" ]]; then usage; exit 0; fi
+help_if_asked "$@"
 num=2 devices=2 port="" heartbeat=30
 while getopts ":n:d:p:t:h" opt; do
   case "$opt" in
@@ -37,9 +38,7 @@ while getopts ":n:d:p:t:h" opt; do
     d) devices="$OPTARG" ;;
     p) port="$OPTARG" ;;
     t) heartbeat="$OPTARG" ;;
-    h) usage; exit 0 ;;
-    :) die "option -$OPTARG needs a value" ;;
-    *) die "unknown option -$OPTARG" ;;
+    *) common_opt "$opt" ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -47,13 +46,8 @@ is_int "$num" || die "-n must be a positive integer, got '$num'"
 is_int "$devices" || die "-d must be a positive integer, got '$devices'"
 is_int "$heartbeat" || die "-t must be a positive integer, got '$heartbeat'"
 if [[ -n "$port" ]] && ! { is_int "$port" && (( port < 65536 )); }; then die "-p must be a port in 1..65535, got '$port'"; fi
-if [[ $# -lt 2 ]]; then die "CONFIG and WORKDIR are required"; fi
-config="$1"; workdir="$2"; shift 2
-if [[ $# -gt 0 ]]; then
-  [[ "$1" == "--" ]] || die "extra flags go after --"
-  shift
-fi
-[[ -f "${config%%:*}" ]] || die "config file ${config%%:*} not found"
+parse_args "$@"
+check_config
 
 python="${PYTHON:-python3}"
 if [[ -z "$port" ]]; then
@@ -83,9 +77,9 @@ trap 'stop_all; exit 143' TERM
 echo "Starting $num processes x $devices CPU devices, coordinator 127.0.0.1:$port" >&2
 for ((i = 0; i < num; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" JAX_PLATFORMS=cpu \
-    "$python" -m colormae_jax.main --config="$config" --workdir="$workdir" \
+    "$python" -m colormae_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
     --coordinator_address="127.0.0.1:$port" --num_processes="$num" --process_id="$i" \
-    --cpu_collectives=gloo --heartbeat_timeout="$heartbeat" "$@" \
+    --cpu_collectives=gloo --heartbeat_timeout="$heartbeat" ${EXTRA[@]+"${EXTRA[@]}"} \
     > >(prefix "[$i]") 2>&1 &
   pids+=("$!")
 done

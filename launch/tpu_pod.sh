@@ -33,9 +33,10 @@ Example:
 USAGE
 }
 
-die() { echo "error: $*" >&2; usage >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [[ $# -ge 1 && "$1" == "--help" ]]; then usage; exit 0; fi
+help_if_asked "$@"
 create=0 type="v4-128" version="tpu-ubuntu2204-base" src="$(cd "$(dirname "$0")/.." && pwd)"
 install=1 background=0 dry_run=0
 while getopts ":ca:v:s:ibnh" opt; do
@@ -47,24 +48,19 @@ while getopts ":ca:v:s:ibnh" opt; do
     i) install=0 ;;
     b) background=1 ;;
     n) dry_run=1 ;;
-    h) usage; exit 0 ;;
-    :) die "option -$OPTARG needs a value" ;;
-    *) die "unknown option -$OPTARG" ;;
+    *) common_opt "$opt" ;;
   esac
 done
 shift $((OPTIND - 1))
 if [[ $# -lt 4 ]]; then die "NAME, ZONE, CONFIG and WORKDIR are required"; fi
-name="$1"; zone="$2"; config="$3"; workdir="$4"; shift 4
-if [[ $# -gt 0 ]]; then
-  [[ "$1" == "--" ]] || die "extra flags go after --"
-  shift
-fi
+name="$1"; zone="$2"; shift 2
+parse_args "$@"
 [[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "NAME '$name': lower-case letters, digits and -, starting with a letter"
 [[ "$zone" =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] || die "ZONE '$zone' is not a zone, e.g. us-central2-b"
 [[ "$type" =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] || die "-a '$type' is not an accelerator type, e.g. v4-128"
 [[ -d "$src" ]] || die "source '$src' is not a directory"
-[[ -f "$src/${config%%:*}" ]] || die "config file ${config%%:*} not found in $src (CONFIG is relative to SOURCE)"
-[[ "$workdir" == gs://?* ]] || die "WORKDIR must be gs://BUCKET/PATH, shared by every worker; got '$workdir'"
+[[ -f "$src/${CONFIG%%:*}" ]] || die "config file ${CONFIG%%:*} not found in $src (CONFIG is relative to SOURCE)"
+[[ "$WORKDIR" == gs://?* ]] || die "WORKDIR must be gs://BUCKET/PATH, shared by every worker; got '$WORKDIR'"
 if (( ! dry_run )) && ! command -v gcloud > /dev/null; then
   echo "error: gcloud not found; install the Google Cloud CLI (or use -n to print the commands)" >&2
   exit 1
@@ -89,7 +85,7 @@ if (( install )); then
   on_all_workers "cd ~/colormae_jax && python3 -m pip install -q -e . 'jax[tpu]'"
 fi
 
-train="python3 -m colormae_jax.main $(printf '%q ' --config="$config" --workdir="$workdir" "$@")"
+train="python3 -m colormae_jax.main $(printf '%q ' --config="$CONFIG" --workdir="$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"})"
 if (( background )); then
   on_all_workers "cd ~/colormae_jax && nohup $train > ~/colormae_train.log 2>&1 < /dev/null &"
   echo "Started on every worker of $name; logs: ~/colormae_train.log on each (worker 0 has the metrics)." >&2

