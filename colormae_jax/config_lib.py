@@ -1,9 +1,7 @@
 """Config helpers: ``get_config(arg)`` argument parsing and validation before compiling."""
 from __future__ import annotations
 
-import math
 import os
-from typing import Any
 
 import ml_collections
 

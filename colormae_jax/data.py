@@ -559,27 +559,40 @@ def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int, process_
     """
     if not 0 <= process_index < process_count:
         raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
-    batch = _per_process_batch(global_batch_size, process_count)
     source = _source(prepare(data_cfg), split)
-    n = len(source)
-    used = min(n, limit) if limit else n  # ``limit``: only the first examples (quick evaluations)
-    num_batches = math.ceil(math.ceil(used / process_count) / batch)
+    used = min(len(source), limit) if limit else len(source)  # ``limit``: the first examples only
     mean, std = _host_norm(data_cfg)
     s = int(data_cfg.image_size)
-    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(n))[:used][process_index::process_count]
     views = {'center_crop': CenterCrop, 'resize': ResizeWhole}
     if view not in views:
         raise DataError(f'view={view!r}; valid: {sorted(views)}')
-    ds = ds.map(views[view](s, mean, std)).batch(batch, drop_remainder=False)
-    return _padded_batches(iter(ds.to_iter_dataset(_read_options(data_cfg))), num_batches, batch, s,
-                           np.float32 if mean is not None else np.uint8)
+    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))[:used]
+    image_dtype = np.float32 if mean is not None else np.uint8
+    return padded_pass(ds, views[view](s, mean, std), global_batch_size=global_batch_size,
+                       process_index=process_index, process_count=process_count,
+                       template={'image': ((s, s, 3), image_dtype), 'label': ((), np.int32),
+                                 'index': ((), np.int32), 'valid': ((), np.bool_)},
+                       read_options=_read_options(data_cfg))
 
 
-def _padded_batches(it, num_batches: int, batch: int, size: int, image_dtype) -> Iterator[dict]:
+def padded_pass(ds: grain.MapDataset, transform=None, *, global_batch_size: int, process_index: int,
+                process_count: int, template: dict, read_options: grain.ReadOptions | None = None
+                ) -> Iterator[dict]:
+    """One pass, in order, over the examples (dicts) of ``ds``, ``transform`` (a grain map
+    transform) applied: process p reads examples p, p + process_count, ... and every process
+    yields the same number of full batches, so that none waits in a collective for a batch
+    another never runs. Padding rows are zeros, shaped and typed as ``template``
+    (``{key: (shape of one row, dtype)}``); ``valid`` (in the template) is False for them."""
+    batch = _per_process_batch(global_batch_size, process_count)
+    num_batches = math.ceil(math.ceil(len(ds) / process_count) / batch)
+    ds = ds[process_index::process_count]
+    if transform is not None:
+        ds = ds.map(transform)
+    it = iter(ds.batch(batch, drop_remainder=False).to_iter_dataset(read_options))
+
     def pad(b: dict | None) -> dict:
         m = 0 if b is None else len(b['valid'])
-        zeros = {'image': np.zeros((batch - m, size, size, 3), image_dtype), 'label': np.zeros(batch - m, np.int32),
-                 'index': np.zeros(batch - m, np.int32), 'valid': np.zeros(batch - m, np.bool_)}
+        zeros = {k: np.zeros((batch - m, *shape), dtype) for k, (shape, dtype) in template.items()}
         return zeros if b is None else {k: np.concatenate([b[k], zeros[k]]) for k in zeros}
 
     try:
@@ -597,5 +610,5 @@ def to_global(batch: dict, sharding_for: Callable[[str, np.ndarray], jax.shardin
 
 
 __all__ = ['DataError', 'ImageFolder', 'default_data_config', 'get_builder', 'prepare', 'num_examples',
-           'steps_per_epoch', 'make_train_iterator', 'TrainIterator', 'make_eval_iterator', 'to_global', 'normalize', 'denormalize',
+           'steps_per_epoch', 'make_train_iterator', 'TrainIterator', 'make_eval_iterator', 'padded_pass', 'to_global', 'normalize', 'denormalize',
            'decode_image', 'random_resized_crop_box', 'AttachIndex', 'RandomResizedCropFlip', 'CenterCrop', 'ResizeWhole']

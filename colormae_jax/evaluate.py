@@ -18,7 +18,6 @@ config's mesh with the same data pipeline, and trains, where it trains, with the
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import time
@@ -148,18 +147,6 @@ def knn_eval(enc_params, c: model_lib.MAEConfig, data_cfg, knn_cfg, *, num_class
 
 # ------------------------------------------------------------------------------ linear probe
 
-class ProbeHead(nnx.Module):
-    """MAE's linear-probe head: BatchNorm without affine (eps 1e-6), then a linear layer
-    (weights ~ trunc-normal std 0.01, bias 0)."""
-
-    def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.bn = nnx.BatchNorm(dim, use_bias=False, use_scale=False, epsilon=1e-6, momentum=0.9, rngs=rngs)
-        self.fc = nnx.Linear(dim, num_classes, kernel_init=nnx.initializers.truncated_normal(0.01), rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc(self.bn(x))
-
-
 class ArraySource:
     """A random-access source over in-memory features, for grain."""
 
@@ -170,7 +157,7 @@ class ArraySource:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {'feat': self.feats[i], 'label': np.int32(self.labels[i])}
+        return {'feat': self.feats[i], 'label': np.int32(self.labels[i]), 'valid': np.True_}
 
 
 def feature_iterator(feats: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int) -> grain.DatasetIterator:
@@ -282,15 +269,13 @@ class ClassifierTask:
 
 
 def _probe_vars(dim: int, num_classes: int, seed: int):
-    g, p, s = nnx.split(ProbeHead(dim, num_classes, rngs=nnx.Rngs(seed)), nnx.Param, nnx.BatchStat)
+    g, p, s = nnx.split(model_lib.LinearProbeHead(dim, num_classes, rngs=nnx.Rngs(seed)), nnx.Param, nnx.BatchStat)
     return g, nnx.to_pure_dict(p), nnx.to_pure_dict(s)
 
 
 def _probe_apply(graphdef, params, stats, x, train: bool):
     head = nnx.merge(graphdef, params, stats)
-    head.train() if train else head.eval()
-    logits = head(x)
-    return logits.astype(jnp.float32), nnx.to_pure_dict(nnx.state(head, nnx.BatchStat))
+    return head(x, train=train), nnx.to_pure_dict(nnx.state(head, nnx.BatchStat))
 
 
 def _schedule(config, total: int, warmup: int) -> optax.Schedule:
@@ -321,17 +306,10 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
         it = feature_iterator(tr[pool], tr['label'], batch_size=bs, seed=config.seed)
 
         def eval_batches():
-            feats, labels = te[pool], te['label']
-            p, n = jax.process_index(), jax.process_count()
-            per = bs // n
-            rows = np.arange(p, len(labels), n)
-            nb = math.ceil(math.ceil(len(labels) / n) / per)
-            for i in range(nb):
-                r = rows[i * per:(i + 1) * per]
-                valid = np.zeros(per, bool)
-                valid[:len(r)] = True
-                r = np.concatenate([r, np.zeros(per - len(r), r.dtype)])
-                yield {'feat': feats[r], 'label': labels[r].astype(np.int32), 'valid': valid}
+            return data.padded_pass(grain.MapDataset.source(ArraySource(te[pool], te['label'])), global_batch_size=bs,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    template={'feat': ((dim,), np.float32), 'label': ((), np.int32),
+                                              'valid': ((), np.bool_)})
 
         def forward(params, stats, aux, batch, rng, train_mode):
             return _probe_apply(graphdef, params, stats, batch['feat'], train_mode)

@@ -11,8 +11,7 @@ encoder (with optional drop path), run functionally by :func:`classifier_apply`.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -376,6 +375,27 @@ def pooled_features(tokens: jax.Array) -> dict[str, jax.Array]:
     return {'cls': tokens[:, 0].astype(jnp.float32), 'mean': tokens[:, 1:].astype(jnp.float32).mean(1)}
 
 
+def _linear_probe_layers(dim: int, num_classes: int, rngs: nnx.Rngs) -> tuple[nnx.BatchNorm, nnx.Linear]:
+    """MAE's linear-probe head (``main_linprobe.py``): BatchNorm without affine (eps 1e-6),
+    then a linear layer (trunc-normal std 0.01, bias 0)."""
+    bn = nnx.BatchNorm(dim, use_running_average=True, use_bias=False, use_scale=False, epsilon=1e-6, momentum=0.9,
+                       rngs=rngs)
+    head = nnx.Linear(dim, num_classes, kernel_init=_timm_trunc_normal(0.01),
+                      bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    return bn, head
+
+
+class LinearProbeHead(nnx.Module):
+    """The linear-probe head of :class:`Classifier` without the encoder, on features [B, D]
+    (the fast linear probe); its params and stats have the Classifier's names (``head``, ``bn``)."""
+
+    def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.bn, self.head = _linear_probe_layers(dim, num_classes, rngs)
+
+    def __call__(self, feats: jax.Array, *, train: bool = False) -> jax.Array:
+        return self.head(self.bn(feats, use_running_average=not train)).astype(jnp.float32)
+
+
 class Classifier(nnx.Module):
     """A ViT encoder with a classification head, as MAE's fine-tuning and linear probe.
 
@@ -429,10 +449,7 @@ class Classifier(nnx.Module):
             self.head = nnx.Linear(c.width, num_classes, kernel_init=_timm_trunc_normal(2e-5), bias_init=zeros,
                                    dtype=c.dtype, rngs=rngs)
         else:
-            self.bn = nnx.BatchNorm(c.width, use_running_average=True, use_bias=False, use_scale=False,
-                                    epsilon=1e-6, momentum=0.9, rngs=rngs)
-            self.head = nnx.Linear(c.width, num_classes, kernel_init=_timm_trunc_normal(0.01), bias_init=zeros,
-                                   rngs=rngs)
+            self.bn, self.head = _linear_probe_layers(c.width, num_classes, rngs)
 
     def __call__(self, images: jax.Array, *, train: bool = False, drop_key: jax.Array | None = None) -> jax.Array:
         """images [B, H, W, C] (normalised) -> float32 logits [B, num_classes].

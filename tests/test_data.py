@@ -1,7 +1,6 @@
 """The grain pipeline over a tiny image folder that the tests make."""
 import os
 
-import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -120,6 +119,24 @@ def test_eval_iterator_pads_to_equal_batches(prepared):
         assert all(b['image'].shape == (3, 32, 32, 3) for b in batches)
         counts.append((len(batches), int(sum(b['valid'].sum() for b in batches))))
     assert counts == [(4, 10), (4, 10)]
+
+
+def test_padded_pass_gives_every_process_the_same_batches_and_every_example_once():
+    import grain
+    rows = [{'x': np.float32(i), 'valid': np.True_} for i in range(10)]
+    ds = grain.MapDataset.source(rows)
+    template = {'x': ((), np.float32), 'valid': ((), np.bool_)}
+    # 3 processes, 2 rows each per batch: process 0 reads 0, 3, 6, 9; process 2 reads 2, 5, 8
+    passes = [list(data.padded_pass(ds, global_batch_size=6, process_index=p, process_count=3, template=template))
+              for p in range(3)]
+    assert [len(b) for b in passes] == [2, 2, 2]
+    assert all(len(b['x']) == 2 for batches in passes for b in batches)
+    seen = np.concatenate([b['x'][b['valid']] for batches in passes for b in batches])
+    assert sorted(seen.tolist()) == list(range(10))
+    np.testing.assert_array_equal(passes[2][1]['valid'], [True, False])
+    doubled = list(data.padded_pass(ds, lambda r: dict(r, x=2 * r['x']), global_batch_size=4, process_index=0,
+                                    process_count=1, template=template))
+    assert len(doubled) == 3 and doubled[-1]['x'].tolist() == [16, 18, 0, 0]
 
 
 def test_worker_processes_are_deterministic(prepared):

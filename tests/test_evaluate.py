@@ -74,7 +74,7 @@ def test_linear_probe_resumes_bitwise(pretrained, tmp_path, mode):
     assert second['losses'] == full['losses'][4:]
     assert second['results']['linear/top1'] == full['results']['linear/top1']
     # the encoder is frozen: only the head was trained (BatchNorm has no affine parameters)
-    assert set(full['state']['params']) == {'fc'} and set(full['state']['stats']['bn']) == {'mean', 'var'}
+    assert set(full['state']['params']) == {'head'} and set(full['state']['stats']['bn']) == {'mean', 'var'}
 
 
 def test_eval_bad_input(pretrained, tmp_path):

@@ -3,9 +3,7 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from colormae_jax import masking, parallel, train
 
