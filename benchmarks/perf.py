@@ -12,7 +12,9 @@ r"""The performance harness: one command, on whatever backend it finds (issue 8)
 3. Measures the input pipeline alone (grain, JPEG decode + RandomResizedCrop at the image
    size, img/s per worker count) on generated JPEGs, and the data-wait share of a real
    training loop on them.
-4. Writes ``benchmarks/results/<device>.json`` and prints a markdown table.
+4. Writes ``benchmarks/results/<device>.json`` (after every measurement, so a run cut short
+   keeps what it measured) and prints a markdown table. ``--budget_s`` skips what would start
+   after that many seconds (skipped rows are listed as such).
 
 Installs nothing; everything it needs is installed beforehand.
 """
@@ -23,6 +25,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -44,6 +47,13 @@ _WORKERS = flags.DEFINE_list('workers', ['0', '4', '8', '15'], 'grain worker cou
 _JPEGS = flags.DEFINE_integer('jpegs', 2000, 'Generated JPEGs for the input measurements.')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results', 'Folder for <device>.json.')
 _ONLY = flags.DEFINE_string('only', '', 'Run only grid rows whose name contains this.')
+_BUDGET = flags.DEFINE_integer('budget_s', 0, 'Start nothing new after this many seconds (0: no limit).')
+T0 = time.monotonic()
+
+
+def left_s() -> float:
+    """Seconds of --budget_s left (inf without a budget)."""
+    return _BUDGET.value - (time.monotonic() - T0) if _BUDGET.value else float('inf')
 
 
 def grid(full: bool, gpu: bool) -> list[dict]:
@@ -142,11 +152,24 @@ def main(argv):
     result = {'device': f'{jax.device_count()}x {dev.device_kind}', 'backend': jax.default_backend(),
               'jax': jax.__version__, 'variant': base.model.variant, 'image_size': base.data.image_size,
               'decoder': dict(base.model.decoder), 'rows': [], 'command': ' '.join(sys.argv)}
+    os.makedirs(_OUT.value, exist_ok=True)
+    fname = os.path.join(_OUT.value, re.sub(r'[^A-Za-z0-9_.-]+', '_', result['device']) +
+                         ('_tiny' if _TINY.value else '') + '.json')
+
+    def save():
+        result['seconds'] = round(time.monotonic() - T0, 1)
+        with open(fname + '.tmp', 'w') as f:
+            json.dump(result, f, indent=1)
+        os.replace(fname + '.tmp', fname)
+
     peak = benchlib.matmul_tflops('bfloat16', n=8192 if gpu else 1024, repeats=20 if gpu else 3)
     result['bf16_matmul_tflops'] = round(peak, 2)
     print(f"bf16 matmul: {peak:.1f} TFLOP/s", flush=True)
     for row in grid(_GRID.value == 'full', gpu):
         if _ONLY.value and _ONLY.value not in row['name']:
+            continue
+        if left_s() <= 0:
+            result['rows'].append(dict(row, error='skipped: --budget_s spent'))
             continue
         c = row_config(base, row)
         try:
@@ -161,25 +184,29 @@ def main(argv):
             r['xla_vs_analytic'] = round(r['xla_gflops_per_step'] / max(r['analytic_gflops_per_step'], 1e-9), 3)
         result['rows'].append(r)
         print(json.dumps(r), flush=True)
+        save()
     name, patch = model.parse_variant(base.model.variant)
     if not _NO_TORCH.value and name in ('Ti', 'S', 'B', 'L', 'H'):
         for comp in (False, True):
+            if left_s() <= 0:
+                result.setdefault('torch', []).append({'impl': 'torch-' + ('compile' if comp else 'eager'),
+                                                       'error': 'skipped: --budget_s spent'})
+                continue
             t = benchlib.torch_reference(_TORCH_REF.value, variant=name, image=base.data.image_size, patch=patch,
                                          batch=_BATCH.value, dec=dict(base.model.decoder), mask_ratio=0.75,
-                                         steps=_STEPS.value, warmup=_WARMUP.value, compile_=comp)
+                                         steps=_STEPS.value, warmup=_WARMUP.value, compile_=comp,
+                                         timeout=int(min(600, max(30, left_s()))))
             if t:
                 result.setdefault('torch', []).append(t)
                 print(json.dumps(t), flush=True)
-    if _INPUT.value:
+                save()
+    if _INPUT.value and left_s() > 0:
         best = max((r for r in result['rows'] if 'img_per_s' in r), key=lambda r: r['img_per_s'], default=None)
         with tempfile.TemporaryDirectory() as tmp:
             result['input'] = input_measurements(base, tmp, best['img_per_s'] if best else None)
-    os.makedirs(_OUT.value, exist_ok=True)
-    fname = re.sub(r'[^A-Za-z0-9_.-]+', '_', result['device']) + ('_tiny' if _TINY.value else '') + '.json'
-    with open(os.path.join(_OUT.value, fname), 'w') as f:
-        json.dump(result, f, indent=1)
+    save()
     print(table(result))
-    print(f'wrote {os.path.join(_OUT.value, fname)}')
+    print(f'wrote {fname}')
 
 
 def table(result: dict) -> str:
@@ -189,7 +216,8 @@ def table(result: dict) -> str:
              '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
     for r in result['rows']:
         if 'img_per_s' not in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |||||||")
+            lines.append(f"| {r['name']} | {'' if r['error'].startswith('skipped') else 'failed: '}"
+                         f"{r['error'][:80]} |||||||")
             continue
         lines.append(f"| {r['name']} | {r['img_per_s']} | {r['step_ms']} | {r['mem_gb']} | "
                      f"{r['analytic_gflops_per_img']} | {r['xla_vs_analytic']} | {100 * r['mfu']:.1f}% | "

@@ -15,7 +15,9 @@ usage() {
 Usage: $(basename "$0") STAGE [ARGS]
 
   setup                       check that the data arrived (.data/cifar10) and the GPU is seen
-  perf                        benchmarks/perf.py (ViT-B/16, every target of issue 8) -> \$OUT
+  perf                        benchmarks/perf.py (ViT-B/16, every target of issue 8) -> \$OUT;
+                              rerun it (warm machine: compilations cached) for what the
+                              500 s budget skipped, e.g. PERF_FLAGS="--only=famt --no_torch"
   study STRATEGIES SECONDS    the CIFAR-10 full study for STRATEGIES (comma list) within SECONDS;
                               resumable: run it again on the same (warm) machine to continue
   tests                       the CPU-independent tests on the GPU backend
@@ -44,6 +46,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TFDS_DATA_DIR="$PWD/.tfds"
+# Compiled programs persist on the warm machine between calls (a git-ignored folder).
+export JAX_COMPILATION_CACHE_DIR="$PWD/.cache/jax"
 
 case "$stage" in
   setup)
@@ -51,12 +55,21 @@ case "$stage" in
     nvidia-smi -L
     python3 -c 'import jax; print(jax.__version__, jax.devices())'
     python3 - <<'PY'
-from importlib.metadata import version
-print({p: version(p) for p in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'torch')})
+from importlib.metadata import PackageNotFoundError, version
+def v(p):
+    try:
+        return version(p)
+    except PackageNotFoundError:
+        return 'missing'
+print({p: v(p) for p in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'torch')})
 PY
     ;;
   perf)
-    python3 benchmarks/perf.py --out "$out" --torch_ref .data/torch_mae_ref.py 2>&1 | tee "$out/perf.log" ;;
+    # a call may run 600 s: start nothing after 500 s; results are written after every row
+    read -r -a perf_flags <<< "${PERF_FLAGS:-}"
+    python3 benchmarks/perf.py --out "$out" --torch_ref .data/torch_mae_ref.py --budget_s 500 \
+      ${perf_flags[@]+"${perf_flags[@]}"} 2>&1 |
+      tee "$out/perf.log" ;;
   study)
     python3 benchmarks/cifar10_study.py --preset full --strategies "$1" --root .data/cifar10 \
       --data_dir "$PWD/.tfds" --out .study --time_budget_s "$2" 2>&1 | tail -40 | tee "$out/study.log"
