@@ -72,6 +72,9 @@ def prepare_data_once(config) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if not _WORKDIR.value.strip():
+        raise app.UsageError('--workdir is empty: give the folder for checkpoints and logs (an existing one is '
+                             'resumed), e.g. --workdir=/tmp/colormae_run')
     configure_logging()
     try:  # before anything touches a device
         info = distributed.initialize(

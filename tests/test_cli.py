@@ -32,3 +32,5 @@ def test_main_refuses_bad_config_before_compiling(tmp_path):
     assert 'config.mask.ratio: must be in (0, 1), got 1.5' in r.stderr
     r = run_main('--config=configs/cifar10.py:smoke,colour=red', f'--workdir={tmp_path}')
     assert r.returncode != 0 and "unknown config argument 'colour'" in r.stderr
+    r = run_main('--config=configs/cifar10.py:smoke', '--workdir=')
+    assert r.returncode != 0 and '--workdir is empty' in r.stderr
