@@ -52,6 +52,22 @@ def _eval_config(task, root, data_dir, init_from, **over):
     return override(c, **over)
 
 
+def test_feature_iterator_epochs_are_permutations_and_resume_exactly():
+    feats = np.arange(100, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    it = evaluate.feature_iterator(feats, np.arange(100), batch_size=32, seed=0)
+    epochs = [np.concatenate([next(it)['label'] for _ in range(3)]) for _ in range(2)]  # 3 batches of 32 per epoch
+    for e in epochs:
+        assert len(set(e.tolist())) == 96  # no row twice within an epoch
+    assert (epochs[0] != epochs[1]).any()  # a new order every epoch
+    b = next(it)
+    np.testing.assert_array_equal(b['feat'][:, 0], b['label'])  # features and labels stay paired
+    state = it.get_state()
+    after = [next(it)['label'] for _ in range(4)]
+    it.set_state(state)
+    for want in after:
+        np.testing.assert_array_equal(next(it)['label'], want)
+
+
 def test_knn_task(pretrained, tmp_path):
     root, dd, mae = pretrained
     out = train.train_and_evaluate(_eval_config('knn', root, dd, mae), str(tmp_path / 'k'), devices=DEV)
