@@ -610,5 +610,6 @@ def to_global(batch: dict, sharding_for: Callable[[str, np.ndarray], jax.shardin
 
 
 __all__ = ['DataError', 'ImageFolder', 'default_data_config', 'get_builder', 'prepare', 'num_examples',
-           'steps_per_epoch', 'make_train_iterator', 'TrainIterator', 'make_eval_iterator', 'padded_pass', 'to_global', 'normalize', 'denormalize',
-           'decode_image', 'random_resized_crop_box', 'AttachIndex', 'RandomResizedCropFlip', 'CenterCrop', 'ResizeWhole']
+           'steps_per_epoch', 'make_train_iterator', 'TrainIterator', 'make_eval_iterator', 'padded_pass', 'to_global',
+           'normalize', 'denormalize', 'decode_image', 'random_resized_crop_box', 'AttachIndex',
+           'RandomResizedCropFlip', 'CenterCrop', 'ResizeWhole']

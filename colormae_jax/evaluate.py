@@ -352,8 +352,8 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
     schedule = _schedule(config, total, warmup)
     eval_every = max(1, int(round(config.eval_every_epochs * spe)))
     task = ClassifierTask(config, mesh, name=f'linear probe ({mode}, {pool})', forward=forward, init_vars=init_vars,
-                          tx=optim.make_lars(schedule), schedule=schedule, aux=aux, total_steps=total, steps_per_epoch=spe,
-                          eval_batches=eval_batches, eval_every=eval_every)
+                          tx=optim.make_lars(schedule), schedule=schedule, aux=aux, total_steps=total,
+                          steps_per_epoch=spe, eval_batches=eval_batches, eval_every=eval_every)
     res = train.run(task, config, workdir, it, task.abstract_state, task.init_state, stop_after=stop_after,
                     deadline=deadline)
     if not task.last and res['step'] >= total:  # resumed after the end: evaluate the final state

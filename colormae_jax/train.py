@@ -470,7 +470,8 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
     ``step(step0, state, global_batch) -> (state, metrics)``, ``after_step(step, state, writer)``,
     ``extra()`` / ``abstract_extra()`` / ``load_extra(restored)`` (more checkpoint items).
     Metrics are fetched and NaN-checked every ``log_every_steps`` and before every save;
-    checkpoints every ``ckpt.every_steps``, at the end, on SIGTERM and when ``deadline`` (a ``time.time()``) has passed, which stops the loop.
+    checkpoints every ``ckpt.every_steps``, at the end, and when :class:`_Preemption` stops the
+    loop (SIGTERM, or ``deadline``, a ``time.time()``, has passed).
     """
     mesh, spe, total = task.mesh, task.steps_per_epoch, task.total_steps
     progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
