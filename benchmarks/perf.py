@@ -56,6 +56,9 @@ def left_s() -> float:
     return _BUDGET.value - (time.monotonic() - T0) if _BUDGET.value else float('inf')
 
 
+SKIPPED = 'skipped: --budget_s spent'
+
+
 def grid(full: bool, gpu: bool) -> list[dict]:
     """Rows: dicts of overrides with a name."""
     attn = ('xla', 'cudnn') if gpu else ('xla',)
@@ -169,7 +172,7 @@ def main(argv):
         if _ONLY.value and _ONLY.value not in row['name']:
             continue
         if left_s() <= 0:
-            result['rows'].append(dict(row, error='skipped: --budget_s spent'))
+            result['rows'].append(dict(row, error=SKIPPED))
             continue
         c = row_config(base, row)
         try:
@@ -190,7 +193,7 @@ def main(argv):
         for comp in (False, True):
             if left_s() <= 0:
                 result.setdefault('torch', []).append({'impl': 'torch-' + ('compile' if comp else 'eager'),
-                                                       'error': 'skipped: --budget_s spent'})
+                                                       'error': SKIPPED})
                 continue
             t = benchlib.torch_reference(_TORCH_REF.value, variant=name, image=base.data.image_size, patch=patch,
                                          batch=_BATCH.value, dec=dict(base.model.decoder), mask_ratio=0.75,

@@ -93,7 +93,13 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
         raise ConfigError(e.key, str(e)) from None
     _validate_run(config, num_devices)
     _validate_data(config.data, check_data)
+    famt = config.mask.get('famt')
+    if famt is not None and famt.get('update_batch_size'):
+        _check_batch(famt.update_batch_size, num_devices, 'mask.famt.update_batch_size')
     knn = config.get('knn')
+    if knn is not None and knn.get('every_epochs'):
+        _check(knn.every_epochs > 0, 'knn.every_epochs', f'must be >= 0 (0: off), got {knn.every_epochs}')
+        _validate_knn(knn, num_devices)
     if knn is not None and knn.get('every_epochs') and check_data and config.data.source == 'folder':
         split = os.path.join(config.data.root, config.data.eval_split)
         _check(os.path.isdir(split), 'knn.every_epochs',
@@ -102,29 +108,52 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
                f' or turn the monitor off with --config.knn.every_epochs=0')
 
 
+def _check_batch(bs, num_devices: int, key: str) -> None:
+    _check(isinstance(bs, int) and bs > 0, key, f'must be a positive int, got {bs!r}')
+    _check(bs % num_devices == 0, key, f'{bs} is not divisible by the {num_devices} devices; use a multiple of '
+                                       f'{num_devices}')
+
+
+def _validate_knn(knn, num_devices: int) -> None:
+    _check(knn.k >= 1, 'knn.k', f'must be >= 1, got {knn.k}')
+    _check(knn.temperature > 0, 'knn.temperature', f'must be positive, got {knn.temperature}')
+    if knn.get('batch_size'):
+        _check_batch(knn.batch_size, num_devices, 'knn.batch_size')
+
+
 def _validate_run(config, num_devices: int) -> None:
-    """Batch, mesh, optimizer, durations, checkpoints: shared by every task."""
-    bs = config.batch_size
-    _check(isinstance(bs, int) and bs > 0, 'batch_size', f'must be a positive int, got {bs!r}')
-    _check(bs % num_devices == 0, 'batch_size',
-           f'{bs} is not divisible by the {num_devices} devices; use a multiple of {num_devices}')
+    """Batch, mesh, optimizer, durations, checkpoints, logging: shared by every task."""
+    _check_batch(config.batch_size, num_devices, 'batch_size')
     try:
         parallel.mesh_shape(config.mesh, num_devices)
     except ValueError as e:
         raise ConfigError('mesh', str(e)) from None
     _check(config.base_lr > 0, 'base_lr', f'must be positive, got {config.base_lr}')
     _check(config.wd >= 0, 'wd', f'must be >= 0, got {config.wd}')
+    _check(0 <= config.get('min_lr', 0.0) <= config.base_lr * config.batch_size / 256, 'min_lr',
+           f'must be in [0, the peak lr base_lr * batch_size / 256 = {config.base_lr * config.batch_size / 256:g}], '
+           f'got {config.get("min_lr", 0.0)}')
+    for b in ('b1', 'b2'):
+        if config.get(b) is not None:
+            _check(0 <= config[b] < 1, b, f'must be in [0, 1), got {config[b]}')
+    _check(config.get('grad_clip_norm', 0.0) >= 0, 'grad_clip_norm', 'must be >= 0 (0: off), got '
+                                                                     f'{config.get("grad_clip_norm")}')
     for n in ('total', 'warmup'):
         steps, epochs = config.get(f'{n}_steps'), config.get(f'{n}_epochs')
         _check(steps is not None or epochs is not None, f'{n}_steps', f'set {n}_steps or {n}_epochs')
         v = steps if steps is not None else epochs
         _check(v >= 0, f'{n}_steps' if steps is not None else f'{n}_epochs', f'must be >= 0, got {v}')
     _check(config.ckpt.keep >= 1, 'ckpt.keep', f'must be >= 1, got {config.ckpt.keep}')
+    _check(config.ckpt.every_steps >= 1, 'ckpt.every_steps', f'must be >= 1, got {config.ckpt.every_steps}')
+    _check(config.log_every_steps >= 1, 'log_every_steps', f'must be >= 1, got {config.log_every_steps}')
 
 
 def _validate_data(d, check_data: bool) -> None:
     _check(d.source in ('folder', 'tfds'), 'data.source', f"{d.source!r}; valid: 'folder', 'tfds'")
     _check(d.normalize_on in ('device', 'host'), 'data.normalize_on', f"{d.normalize_on!r}; valid: 'device', 'host'")
+    _check(d.get('prefetch_buffer', 1) >= 1, 'data.prefetch_buffer', f'must be >= 1, got {d.get("prefetch_buffer")}')
+    _check(d.get('num_workers', 0) >= 0, 'data.num_workers', f'must be >= 0 (0: decode in this process), got '
+                                                             f'{d.get("num_workers")}')
     lo, hi = d.crop_scale
     _check(0 < lo <= hi <= 1, 'data.crop_scale', f'must satisfy 0 < min <= max <= 1, got {tuple(d.crop_scale)}')
     if check_data and d.source == 'folder':
@@ -147,8 +176,7 @@ def validate_eval(config, num_devices: int | None = None, check_data: bool = Tru
                                                        'checkpoints/STEP, or a tools.convert import folder)')
     _check(isinstance(config.num_classes, int) and config.num_classes >= 2, 'num_classes',
            f'must be an int >= 2, got {config.num_classes!r}')
-    _check(config.knn.k >= 1, 'knn.k', f'must be >= 1, got {config.knn.k}')
-    _check(config.knn.temperature > 0, 'knn.temperature', f'must be positive, got {config.knn.temperature}')
+    _validate_knn(config.knn, num_devices)
     _check(config.probe.pool in ('cls', 'mean'), 'probe.pool', f"{config.probe.pool!r}; valid: 'cls', 'mean'")
     _check(config.probe.mode in ('fast', 'faithful'), 'probe.mode', f"{config.probe.mode!r}; valid: 'fast', "
                                                                     "'faithful'")
@@ -159,3 +187,11 @@ def validate_eval(config, num_devices: int | None = None, check_data: bool = Tru
         split = os.path.join(config.data.root, config.data.eval_split)
         _check(os.path.isdir(split), 'data.eval_split', f'{split!r} does not exist; the splits in '
                                                         f'{config.data.root!r} are {sorted(os.listdir(config.data.root))}')
+
+
+def validate_task(config, num_devices: int | None = None, check_data: bool = True) -> None:
+    """:func:`validate` for pre-training, :func:`validate_eval` for the other tasks."""
+    if config.get('task', 'pretrain') == 'pretrain':
+        validate(config, num_devices, check_data)
+    else:
+        validate_eval(config, num_devices, check_data)

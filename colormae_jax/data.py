@@ -288,6 +288,15 @@ def normalize(images, mean, std):
     return (xp.asarray(images).astype(xp.float32) - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
 
 
+def model_input(images, data_cfg):
+    """What the model takes: float32 normalised images. A batch arrives as uint8 (normalised
+    here, on the device: ``data.normalize_on='device'``) or already normalised as float
+    (``'host'``); every task goes through this, so no image is normalised twice."""
+    if images.dtype == np.uint8:
+        return normalize(images, data_cfg.mean, data_cfg.std)
+    return images.astype(np.float32)
+
+
 def denormalize(images, mean, std):
     """Inverse of :func:`normalize`: float32 in 0..255 scale (not clipped)."""
     xp = np if isinstance(images, (np.ndarray, np.generic)) else jax.numpy

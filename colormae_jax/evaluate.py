@@ -67,9 +67,7 @@ def make_feature_fn(c: model_lib.MAEConfig, data_cfg, mesh) -> Callable:
     graphdef = encoder_graph(c)
 
     def features(enc_params, images):
-        x = images
-        if x.dtype == jnp.uint8:
-            x = data.normalize(x, data_cfg.mean, data_cfg.std)
+        x = data.model_input(images, data_cfg)
         return model_lib.pooled_features(nnx.merge(graphdef, enc_params)(x.astype(c.dtype)))
 
     return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
@@ -247,6 +245,15 @@ class ClassifierTask:
             correct, count = correct + int(r['correct']), count + int(r['count'])
         return 100.0 * correct / max(count, 1)
 
+    def run(self, workdir: str, it, stop_after=None, deadline=None) -> dict:
+        """Trains with :func:`train.run` (resuming from ``workdir``); a run resumed after its
+        last step evaluates the final state, so that it reports the last top-1 too."""
+        res = train.run(self, self.config, workdir, it, self.abstract_state, self.init_state, stop_after=stop_after,
+                        deadline=deadline)
+        if not self.last and res['step'] >= self.total_steps:
+            self.after_step(self.total_steps, res['state'], metrics.create_writer(os.path.join(workdir, 'tb')))
+        return res
+
     # -- the run_loop protocol
     def describe(self) -> str:
         return f'{self.name}, batch {self.config.batch_size}'
@@ -338,7 +345,7 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
                                            limit=config.probe.get('max_test', 0))
 
         def forward(params, stats, aux, batch, rng, train_mode):
-            x = data.normalize(batch['image'], config.data.mean, config.data.std).astype(c.dtype)
+            x = data.model_input(batch['image'], config.data).astype(c.dtype)
             feats = jax.lax.stop_gradient(model_lib.pooled_features(nnx.merge(enc_graph, aux)(x))[pool])
             return _probe_apply(graphdef, params, stats, feats, train_mode)
         aux = enc_params
@@ -352,12 +359,9 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
     schedule = _schedule(config, total, warmup)
     eval_every = max(1, int(round(config.eval_every_epochs * spe)))
     task = ClassifierTask(config, mesh, name=f'linear probe ({mode}, {pool})', forward=forward, init_vars=init_vars,
-                          tx=optim.make_lars(schedule), schedule=schedule, aux=aux, total_steps=total,
+                          tx=optim.make_lars(schedule, weight_decay=config.wd), schedule=schedule, aux=aux, total_steps=total,
                           steps_per_epoch=spe, eval_batches=eval_batches, eval_every=eval_every)
-    res = train.run(task, config, workdir, it, task.abstract_state, task.init_state, stop_after=stop_after,
-                    deadline=deadline)
-    if not task.last and res['step'] >= total:  # resumed after the end: evaluate the final state
-        task.after_step(total, res['state'], metrics.create_writer(os.path.join(workdir, 'tb')))
+    res = task.run(workdir, it, stop_after, deadline)
     out.update({'linear/top1': task.last.get('top1'), 'linear/best_top1': task.best['top1']})
     return dict(res, results=out)
 

@@ -10,7 +10,6 @@ smoothing and random erasing (:mod:`colormae_jax.augment`). Top-1 on the eval sp
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from colormae_jax import augment, config_lib, data, model as model_lib, optim, train
@@ -22,7 +21,7 @@ def run(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, stop_a
     bs = config.batch_size
     graphdef, init_params, stats = model_lib.split_classifier(
         model_lib.Classifier(c, config.num_classes, pool=f.pool, head='finetune', drop_path_rate=f.drop_path,
-                             rngs=nnx.Rngs(config.seed)))
+                             learn_pos_embed=f.get('learn_pos_embed', True), rngs=nnx.Rngs(config.seed)))
     try:
         init_params = model_lib.load_encoder(init_params, params['encoder'])
     except ValueError as e:
@@ -36,29 +35,26 @@ def run(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, stop_a
     tx = optim.make_finetune_optimizer(schedule, init_params, depth=c.depth, layer_decay=f.layer_decay,
                                        weight_decay=config.wd, b1=config.b1, b2=config.b2)
     transform = augment.RandAugmentCropFlip(config.data.image_size, f.randaug_ops, f.randaug_magnitude,
-                                            scale=tuple(f.get('crop_scale', (0.08, 1.0))))
+                                            scale=tuple(config.data.crop_scale))
     it = data.make_train_iterator(config.data, global_batch_size=bs, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   transform=transform)
-    mean, std = config.data.mean, config.data.std
 
     def batch_transform(rng, batch):
         k_mix, k_erase = jax.random.split(rng)
-        x = data.normalize(batch['image'], mean, std).astype(jnp.float32)
+        x = data.model_input(batch['image'], config.data)
+        if f.reprob > 0:  # per image, before mixing (timm: RandomErasing in the transform, Mixup after)
+            x = augment.random_erasing(k_erase, x, prob=f.reprob)
         if f.mixup > 0 or f.cutmix > 0:
             x, target = augment.mixup_cutmix(k_mix, x, batch['label'], mixup_alpha=f.mixup, cutmix_alpha=f.cutmix,
                                              label_smoothing=f.label_smoothing, num_classes=config.num_classes)
         else:
             target = augment.smooth_labels(batch['label'], config.num_classes, f.label_smoothing)
-        if f.reprob > 0:
-            x = augment.random_erasing(k_erase, x, prob=f.reprob)
         return dict(batch, image=x, target=target)
 
     def forward(p, s, aux, batch, rng, train_mode):
-        x = batch['image']
-        if x.dtype == jnp.uint8:  # eval batches come as uint8 centre crops
-            x = data.normalize(x, mean, std)
-        return model_lib.classifier_apply(graphdef, p, s, x.astype(jnp.float32), train=train_mode, drop_key=rng)
+        x = data.model_input(batch['image'], config.data)  # eval batches come as centre crops
+        return model_lib.classifier_apply(graphdef, p, s, x, train=train_mode, drop_key=rng)
 
     def eval_batches():
         return data.make_eval_iterator(config.data, split=config.data.eval_split, global_batch_size=bs,
@@ -71,6 +67,5 @@ def run(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, stop_a
                           eval_every=max(1, int(round(config.eval_every_epochs * spe))),
                           loss_fn=lambda logits, batch: augment.soft_cross_entropy(logits, batch['target']),
                           batch_transform=batch_transform)
-    res = train.run(task, config, workdir, it, task.abstract_state, task.init_state, stop_after=stop_after,
-                    deadline=deadline)
+    res = task.run(workdir, it, stop_after, deadline)
     return dict(res, results={'finetune/top1': task.last.get('top1'), 'finetune/best_top1': task.best['top1']})

@@ -11,11 +11,12 @@ the coordinator and its rank (flags, or the COLORMAE_* environment variables):
       --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=0
 """
 import jax
+import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from colormae_jax import data, distributed, train
+from colormae_jax import config_lib, data, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/cifar10.py:smoke',
                                           lock_config=True)
@@ -64,9 +65,19 @@ def prepare_data_once(config) -> None:
     same files on a shared disk; then each process checks (or prepares) its own view."""
     if jax.process_count() == 1 or 'data' not in config:
         return
+    error = None
     if jax.process_index() == 0:
-        data.prepare(config.data)
-    multihost_utils.sync_global_devices('colormae_jax.main: data prepared')
+        try:
+            data.prepare(config.data)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
+            error = e
+    # Every process learns whether process 0 succeeded (instead of waiting at a barrier
+    # until the heartbeat timeout declares it dead).
+    ok = bool(multihost_utils.broadcast_one_to_all(np.asarray(error is None)))
+    if error is not None:
+        raise error
+    if not ok:
+        raise data.DataError('process 0 could not prepare the data; its log says why')
 
 
 def main(argv):
@@ -84,6 +95,10 @@ def main(argv):
     except distributed.DistributedError as e:
         raise app.UsageError(str(e)) from None
     configure_logging(info.process_index)
+    try:  # before process 0 spends hours preparing the data
+        config_lib.validate_task(_CONFIG.value)
+    except config_lib.ConfigError as e:
+        raise app.UsageError(str(e)) from None
     prepare_data_once(_CONFIG.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -61,6 +61,11 @@ def sincos_2d(grid: int, dim: int) -> np.ndarray:
     return np.concatenate([np.sin(out_w), np.cos(out_w), np.sin(out_h), np.cos(out_h)], 1).astype(np.float32)
 
 
+def sincos_table_with_cls(grid: int, dim: int) -> np.ndarray:
+    """MAE's ``pos_embed`` layout [1, 1+grid*grid, dim]: a zero row for [CLS], then :func:`sincos_2d`."""
+    return np.concatenate([np.zeros((1, dim), np.float32), sincos_2d(grid, dim)])[None]
+
+
 def patchify(images: jax.Array, patch: int) -> jax.Array:
     """[B, H, W, C] -> [B, N, patch*patch*C], row-major over the patch grid."""
     b, h, w, c = images.shape
@@ -251,8 +256,10 @@ class ViTEncoder(nnx.Module):
     without drop path. The rate is static (not a parameter): the parameters are the same.
     """
 
-    def __init__(self, c: MAEConfig, *, rngs: nnx.Rngs, drop_path_rate: float = 0.0):
+    def __init__(self, c: MAEConfig, *, rngs: nnx.Rngs, drop_path_rate: float = 0.0, learn_pos_embed: bool = False):
         self.c = c
+        if learn_pos_embed:  # fine-tuning (MAE's timm ViT): a parameter [1, 1+N, width] from the sin-cos table
+            self.pos_embed = nnx.Param(jnp.asarray(sincos_table_with_cls(c.grid, c.width)))
         fan_in = c.patch_dim
         # MAE initialises the patch projection like a linear layer (xavier on the flattened kernel).
         self.patch_embed = nnx.Linear(fan_in, c.width, kernel_init=_xavier(), dtype=c.dtype, rngs=rngs)
@@ -267,10 +274,12 @@ class ViTEncoder(nnx.Module):
         patches = patchify(images, c.patch)
         if keep_idx is not None:
             patches = take_tokens(patches, keep_idx)  # gather pixels first: thrown/masked never embedded
-        pos = jnp.asarray(sincos_2d(c.grid, c.width))
-        pos = pos[None] if keep_idx is None else pos[keep_idx]
+        learned = getattr(self, 'pos_embed', None)
+        table = jnp.asarray(sincos_2d(c.grid, c.width)) if learned is None else learned[...][0, 1:]
+        pos = table[None] if keep_idx is None else table[keep_idx]
         x = dense_tokens(self.patch_embed, patches) + pos.astype(c.dtype)
-        cls = jnp.broadcast_to(self.cls_token[...].astype(c.dtype), (x.shape[0], 1, c.width))
+        cls = self.cls_token[...] if learned is None else self.cls_token[...] + learned[...][:, :1]
+        cls = jnp.broadcast_to(cls.astype(c.dtype), (x.shape[0], 1, c.width))
         return jnp.concatenate([cls, x], axis=1)
 
     def tokens(self, images: jax.Array, keep_idx: jax.Array | None = None, *,
@@ -431,17 +440,19 @@ class Classifier(nnx.Module):
     """
 
     def __init__(self, c: MAEConfig, num_classes: int, *, pool: str = 'mean', head: str = 'finetune',
-                 drop_path_rate: float = 0.0, rngs: nnx.Rngs):
+                 drop_path_rate: float = 0.0, learn_pos_embed: bool = False, rngs: nnx.Rngs):
         if head not in CLASSIFIER_HEADS:
             raise ValueError(f'head={head!r}; valid: {CLASSIFIER_HEADS}')
         if pool not in CLASSIFIER_POOLS:
             raise ValueError(f'pool={pool!r}; valid: {CLASSIFIER_POOLS}')
         if head == 'linear_probe' and drop_path_rate:
             raise ValueError('the linear probe runs a frozen encoder: drop_path_rate must be 0')
+        if head == 'linear_probe' and learn_pos_embed:
+            raise ValueError('the linear probe runs a frozen encoder: learn_pos_embed must be False')
         if num_classes < 1:
             raise ValueError(f'num_classes={num_classes} must be positive')
         self.c, self.pool, self.head_type = c, pool, head
-        self.encoder = ViTEncoder(c, drop_path_rate=drop_path_rate, rngs=rngs)
+        self.encoder = ViTEncoder(c, drop_path_rate=drop_path_rate, learn_pos_embed=learn_pos_embed, rngs=rngs)
         zeros = nnx.initializers.zeros_init()
         if head == 'finetune':
             if pool == 'mean':
@@ -501,6 +512,8 @@ def load_encoder(params: dict, encoder_params: dict) -> dict:
     ``encoder_params`` (e.g. ``params['encoder']`` of an MAE checkpoint), after checking that
     both have the same structure, shapes and dtypes (arrays or ``jax.ShapeDtypeStruct`` s)."""
     want, got = params['encoder'], encoder_params
+    if 'pos_embed' in want and 'pos_embed' not in got:  # pre-trained with the fixed table: start from it
+        got = {**got, 'pos_embed': want['pos_embed']}
     s_want, s_got = jax.tree.structure(want), jax.tree.structure(got)
     if s_want != s_got:
         raise ValueError(f'the encoder parameters do not match the classifier: expected {s_want}, got {s_got}')
@@ -509,4 +522,4 @@ def load_encoder(params: dict, encoder_params: dict) -> dict:
            if (a.shape, a.dtype) != (b.shape, b.dtype)]
     if bad:
         raise ValueError('the encoder parameters do not match the classifier: ' + '; '.join(bad[:5]))
-    return {**params, 'encoder': encoder_params}
+    return {**params, 'encoder': got}

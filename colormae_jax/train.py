@@ -45,11 +45,11 @@ def init_params(config, c: model_lib.MAEConfig) -> Any:
 
 
 def decay_mask(params) -> Any:
-    """Weight decay on matrices only: no decay on biases, norms or tokens (position
-    embeddings are fixed constants, not parameters)."""
+    """Weight decay on matrices only: no decay on biases, norms, tokens or position embeddings
+    (MAE's ``no_weight_decay``; pre-training's are fixed constants, fine-tuning's a parameter)."""
     def keep(path, x):
         name = str(getattr(path[-1], 'key', path[-1]))
-        return x.ndim >= 2 and 'token' not in name
+        return x.ndim >= 2 and 'token' not in name and name != 'pos_embed'
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -61,11 +61,11 @@ def make_schedule(config, total_steps: int, warmup_steps: int) -> optax.Schedule
 
 
 def make_optimizer(config, schedule) -> optax.GradientTransformation:
-    parts = []
-    if config.get('grad_clip_norm'):
-        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.wd, mask=decay_mask))
-    return optax.chain(*parts)
+    # Clipping or not, the optimizer state has the same tree (both have an empty state), so a
+    # run that diverged can be resumed with grad_clip_norm set.
+    clip = optax.clip_by_global_norm(config.grad_clip_norm) if config.get('grad_clip_norm') else optax.identity()
+    return optax.chain(clip, optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.wd,
+                                         mask=decay_mask))
 
 
 class Trainer(NamedTuple):
@@ -121,10 +121,7 @@ def init_state(t: Trainer, params: Any = None) -> dict:
 
 def prepare_images(batch: Batch, config) -> jax.Array:
     """uint8 images are normalised here, on the device; float images come normalised."""
-    x = batch['image']
-    if x.dtype == jnp.uint8:
-        x = data.normalize(x, config.data.mean, config.data.std)
-    return x.astype(jnp.float32)
+    return data.model_input(batch['image'], config.data)
 
 
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
@@ -158,7 +155,8 @@ def compile_step(t: Trainer, strategy: masking.Strategy, aux_sharding: Any) -> C
 
 
 def reconstruct(params, batch: Batch, aux: Any, step: jax.Array, *, t: Trainer, strategy: masking.Strategy):
-    """Pictures for TensorBoard: input | masked input | reconstruction (visible patches pasted)."""
+    """Pictures for TensorBoard: input | visible patches | reconstruction (visible patches pasted, masked
+    ones predicted, thrown ones blank: the mean colour)."""
     images = prepare_images(batch, t.config)
     part = strategy(jax.random.fold_in(step_rng(t.config.seed, step), 0), batch, aux)
     _, pred = nnx.merge(t.graphdef, params)(images, part)
@@ -170,8 +168,8 @@ def reconstruct(params, batch: Batch, aux: Any, step: jax.Array, *, t: Trainer, 
         std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
         pred = pred * std + mean
     rows = jnp.arange(images.shape[0])[:, None]
-    recon = patches.at[rows, part.masked].set(pred)
     hidden = jnp.zeros_like(patches).at[rows, part.visible].set(patches[rows, part.visible])
+    recon = hidden.at[rows, part.masked].set(pred)  # thrown patches stay blank: nothing predicts them
     mean = jnp.asarray(t.config.data.mean) / 255.0
     std = jnp.asarray(t.config.data.std) / 255.0
 
@@ -330,10 +328,19 @@ class MaskPhases:
                 self.famt.check_schedule(t.steps_per_epoch, t.total_steps)
             except masking.MaskConfigError as e:
                 raise config_lib.ConfigError(e.key, str(e)) from None
-            self.update_steps = set(self.famt.update_steps(t.steps_per_epoch, t.total_steps))
+            self.update_steps = self._useful(self.famt.update_steps(t.steps_per_epoch, t.total_steps))
             self.store = masking.famt.WeightStore(
                 data.num_examples(t.config.data), t.mae.grid, jax.process_index(), jax.process_count(),
                 pad_to=len(t.mesh.local_devices))
+
+    def _useful(self, updates: list[int]) -> set[int]:
+        """The FAMT updates whose weights some step uses: an update before step u serves the
+        steps up to the next update, and is skipped where no FAMT phase overlaps them (e.g.
+        every update after ``'famt,green@100'`` switches to green)."""
+        ends = self.starts[1:] + [self.t.total_steps]
+        famt = [(a, b) for a, b, s in zip(self.starts, ends, self.strategies) if s == self.famt]
+        nexts = updates[1:] + [self.t.total_steps]
+        return {u for u, n in zip(updates, nexts) if any(a < n and u < b for a, b in famt)}
 
     # -- the FAMT weight store: checkpointed with the state, refreshed by its own jitted pass
     def abstract_extra(self) -> dict | None:
@@ -439,7 +446,7 @@ class PretrainTask:
             writer.write_images(pics[0], {'masks/input_masked_reconstruction': pics[1]})
             self._pics = None
         knn = self.t.config.get('knn')
-        every = int(round(knn.every_epochs * self.steps_per_epoch)) if knn and knn.every_epochs else 0
+        every = max(1, int(round(knn.every_epochs * self.steps_per_epoch))) if knn and knn.every_epochs else 0
         if every and (step % every == 0 or step == self.total_steps):
             from colormae_jax import evaluate
             t0 = time.perf_counter()
@@ -499,6 +506,10 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
         writer.write_scalars(step, last)
         pending, data_wait = [], 0.0
 
+    def save(step):
+        flush(step)  # a state that follows a non-finite step is never saved
+        ckpt.save(step, state, it, config, force=True, extra=task.extra())
+
     step = start
     with _Preemption(ckpt, deadline, config.log_every_steps) as should_stop:
         for step in range(start + 1, end + 1):
@@ -515,11 +526,19 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
             stop = should_stop(step)
             if step % config.log_every_steps == 0 or step == end or stop:
                 flush(step)
-            if step % config.ckpt.every_steps == 0 or step == total or stop:
-                flush(step)  # a state that follows a non-finite step is never saved
-                ckpt.save(step, state, it, config, force=True, extra=task.extra())
-            task.after_step(step, state, writer)
-            if stop:
+            due = step % config.ckpt.every_steps == 0 or step == total or stop
+            if not stop:  # before the save, so that what it records (a best accuracy) is saved with the step
+                try:
+                    task.after_step(step, state, writer)
+                except Exception:
+                    if due:  # a failing evaluation loses no training
+                        save(step)
+                    raise
+            if due:
+                save(step)
+            if stop:  # a preemption saves first (and waits for it), then evaluates
+                ckpt.wait()
+                task.after_step(step, state, writer)
                 logging.warning('Saved step %d after SIGTERM (or the deadline); exiting.', step)
                 break
         flush(step)

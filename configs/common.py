@@ -94,6 +94,8 @@ def eval_config(task: str) -> ml_collections.ConfigDict:
     c.init_from = ''                # a pre-training workdir, its checkpoints/STEP, or a tools.convert import
     c.seed = 0
     c.data = base_config().data
+    # MAE's probe and fine-tuning crop with torchvision's default scale (0.08, 1), not pre-training's (0.2, 1)
+    c.data.crop_scale = (0.08, 1.0)
     c.num_classes = 1000
     c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, max_train=0, max_test=0, batch_size=0))
     # MAE linear probe: BN (no affine) + linear, LARS, base lr 0.1, no wd, 90 epochs, 10 warm-up
@@ -112,7 +114,9 @@ def eval_config(task: str) -> ml_collections.ConfigDict:
     # label smoothing 0.1, RandAugment m9-mstd0.5, random erasing 0.25
     c.finetune = ml_collections.ConfigDict(dict(layer_decay=0.65, drop_path=0.1, mixup=0.8, cutmix=1.0,
                                                 label_smoothing=0.1, randaug_ops=2, randaug_magnitude=9,
-                                                reprob=0.25, pool='mean'))
+                                                reprob=0.25, pool='mean',
+                                                # MAE's fine-tuning ViT learns pos_embed (from the sin-cos table)
+                                                learn_pos_embed=True))
     c.eval_every_epochs = 10.0
     c.mesh = (('data', -1), ('fsdp', 1))
     c.log_every_steps = 50

@@ -9,6 +9,7 @@ from helpers import override
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
 import cifar10  # noqa: E402
 import imagenet  # noqa: E402
+import imagenet_eval  # noqa: E402
 
 
 def smoke(tmp_path, **over):
@@ -28,6 +29,20 @@ def test_shipped_configs_validate(tmp_path):
     assert (c.b1, c.b2, c.wd, c.base_lr) == (0.9, 0.95, 0.05, 1.5e-4)
     config_lib.validate(c, num_devices=4, check_data=False)
     config_lib.validate(imagenet.get_config('smoke'), num_devices=4, check_data=False)
+
+
+def test_famt_update_batch_must_split_over_devices(tmp_path):
+    c = smoke(tmp_path, **{'mask.strategy': 'famt', 'mask.ratio': 0.45, 'mask.throw_ratio': 0.4,
+                           'mask.famt.update_batch_size': 6})
+    with pytest.raises(config_lib.ConfigError, match='config.mask.famt.update_batch_size: 6 is not divisible by'):
+        config_lib.validate(c, num_devices=4)
+
+
+def test_eval_configs_follow_mae_recipes():
+    for task in ('linear_probe', 'finetune'):  # torchvision's RandomResizedCrop default, as MAE's eval scripts
+        assert tuple(imagenet_eval.get_config(f'task={task}').data.crop_scale) == (0.08, 1.0)
+    probe = imagenet_eval.get_config('task=linear_probe')
+    assert (probe.base_lr, probe.wd, probe.total_epochs, probe.warmup_epochs) == (0.1, 0.0, 90, 10)
 
 
 def test_config_arg_parsing():
@@ -53,6 +68,15 @@ def test_config_arg_parsing():
     ('total_epochs', None, 'config.total_steps: set total_steps or total_epochs'),
     ('model.attn_impl', 'flash', "config.model.attn_impl: 'flash'; valid"),
     ('data.crop_scale', (0.5, 0.2), 'config.data.crop_scale'),
+    # values that used to fail only after compiling, or hours in, or give wrong numbers
+    ('ckpt.every_steps', 0, 'config.ckpt.every_steps: must be >= 1'),
+    ('log_every_steps', 0, 'config.log_every_steps: must be >= 1'),
+    ('knn.k', 0, 'config.knn.k: must be >= 1'),
+    ('knn.temperature', 0.0, 'config.knn.temperature: must be positive'),
+    ('knn.batch_size', 6, 'config.knn.batch_size: 6 is not divisible by the 4 devices'),
+    ('b2', 1.5, r'config.b2: must be in \[0, 1\)'),
+    ('min_lr', 1.0, r'config.min_lr: must be in \[0, the peak lr'),
+    ('data.prefetch_buffer', 0, 'config.data.prefetch_buffer: must be >= 1'),
 ])
 def test_invalid_configs(tmp_path, key, value, match):
     c = smoke(tmp_path, **{key: value})

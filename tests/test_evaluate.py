@@ -91,6 +91,10 @@ def test_linear_probe_resumes_bitwise(pretrained, tmp_path, mode):
     assert second['results']['linear/top1'] == full['results']['linear/top1']
     # the encoder is frozen: only the head was trained (BatchNorm has no affine parameters)
     assert set(full['state']['params']) == {'head'} and set(full['state']['stats']['bn']) == {'mean', 'var'}
+    if mode == 'faithful':  # images normalised by the pipeline are not normalised again on the device
+        host = train.train_and_evaluate(override(c, **{'data.normalize_on': 'host'}), str(tmp_path / 'h'),
+                                        devices=DEV, stop_after=3)
+        np.testing.assert_allclose(host['losses'], full['losses'][:3], rtol=1e-4)
 
 
 def test_eval_bad_input(pretrained, tmp_path):
@@ -142,3 +146,7 @@ def test_finetune_trains_end_to_end_and_resumes(pretrained, tmp_path):
     first = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV, stop_after=5)
     second = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV)
     assert first['losses'] + second['losses'][1:] == full['losses']  # resumed from step 4
+    # the step-4 checkpoint holds the evaluation at step 4, so the best value survives the resume
+    assert second['results'] == full['results']
+    again = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=DEV)  # already complete: reports, trains nothing
+    assert again['losses'] == [] and again['results'] == full['results']

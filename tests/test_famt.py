@@ -190,6 +190,51 @@ def test_bad_famt_configs(folder, tmp_path):
 
     assert 'config.mask.ratio' in err(**{'mask.throw_ratio': 0.55})  # 0.45 + 0.55 >= 1: nothing visible
     assert 'leave 0 visible' in err(**{'mask.ratio': 0.5, 'mask.throw_ratio': 0.495})  # 8x8: 32 + 32 + 0
-    assert 'is longer than training (12 steps)' in err(**{'mask.famt.update_every_steps': 13})
+    assert 'config.mask.famt.update_every_steps: must be >= 1' in err(**{'mask.famt.update_every_steps': 0})
+    assert 'config.mask.famt.warmup_steps: must be >= 0' in err(**{'mask.famt.warmup_steps': -1})
     assert 'after training ends' in err(**{'mask.famt.warmup_steps': 12})
     assert 'config.mask.famt.freq_weight: must be in [0, 1]' in err(**{'mask.famt.freq_weight': 1.5})
+
+
+def test_weight_passes_run_only_where_a_famt_phase_uses_them(folder):
+    root, data_dir = folder
+
+    def updates(schedule, total=40):
+        c = _famt_config(root, data_dir, **{'mask.schedule': schedule, 'total_steps': total})
+        t = train.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
+        return sorted(train.MaskPhases(t).update_steps)
+
+    assert updates('famt') == [4, 8, 12, 16, 20, 24, 28, 32, 36]
+    assert updates('famt,green@4') == [4, 8, 12]  # FAMT runs steps 0-15: the update at 12 serves 12-15
+    assert updates('famt,green@3.5') == [4, 8, 12]  # ... steps 0-13
+    assert updates('random,famt@5') == [20, 24, 28, 32, 36]  # FAMT from step 20: the updates before are unused
+    assert updates('random,famt@5.5') == [20, 24, 28, 32, 36]  # from step 22: the update at 20 serves it
+    assert updates('green,famt@2,green@6') == [8, 12, 16, 20]  # FAMT runs steps 8-23
+
+
+def test_interval_longer_than_training_still_updates_once(folder):
+    root, data_dir = folder
+    c = _famt_config(root, data_dir, **{'mask.famt.update_every_steps': 100})
+    t = train.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
+    assert sorted(train.MaskPhases(t).update_steps) == [4]
+
+
+def test_reconstruction_picture_leaves_thrown_patches_blank(folder):
+    root, data_dir = folder
+    c = _famt_config(root, data_dir)
+    mesh = parallel.make_mesh(c.mesh, jax.devices()[:1])
+    t = train.make_trainer(c, mesh, steps_per_epoch=4)
+    strategy = masking.create(c.mask, t.mae.grid)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+             famt.WEIGHT_KEY: rng.random((2, 64)).astype(np.float32)}
+    step = jnp.asarray(3)
+    pics = np.asarray(train.reconstruct(train.init_state(t)['params'], batch, (), step, t=t, strategy=strategy))
+    inp, hidden, recon = (train.model_lib.patchify(jnp.asarray(p, jnp.float32), 4) for p in np.split(pics, 3, axis=2))
+    part = strategy(jax.random.fold_in(train.step_rng(c.seed, step), 0), batch, ())
+    for i in range(2):
+        vis, thr, msk = (np.asarray(a[i]) for a in (part.visible, part.thrown, part.masked))
+        np.testing.assert_array_equal(recon[i, vis], inp[i, vis])  # visible: pasted
+        np.testing.assert_array_equal(recon[i, thr], hidden[i, thr])  # thrown: blank, as in the visible panel
+        assert np.abs(recon[i, thr] - inp[i, thr]).max() > 50
+        assert not np.array_equal(recon[i, msk], hidden[i, msk])  # masked: predicted

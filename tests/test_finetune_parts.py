@@ -146,6 +146,33 @@ def test_classifier_encoder_loads_pretrained_params():
         M.load_encoder(params, abstract_encoder_params(tiny(depth=3)))
 
 
+def test_learned_pos_embed_starts_as_the_fixed_table_and_is_trained_without_decay():
+    """MAE's fine-tuning ViT learns pos_embed [1, 1+N, D] (loaded from the fixed sin-cos table,
+    zero [CLS] row; layer 0 of the lr decay; no weight decay)."""
+    from colormae_jax import optim, train
+    c = tiny()
+    x = images()
+    pretrained = pure(M.ViTEncoder(c, rngs=nnx.Rngs(5)))
+    fixed = M.load_encoder(M.split_classifier(M.Classifier(c, K, rngs=nnx.Rngs(1)))[1], pretrained)
+    graphdef, params, stats = M.split_classifier(M.Classifier(c, K, learn_pos_embed=True, rngs=nnx.Rngs(1)))
+    learned = M.load_encoder(params, pretrained)
+    pos = learned['encoder']['pos_embed']
+    assert pos.shape == (1, 1 + c.grid ** 2, c.width) and np.all(pos[0, 0] == 0)
+    g_fixed = M.split_classifier(M.Classifier(c, K, rngs=nnx.Rngs(1)))[0]
+    np.testing.assert_allclose(M.classifier_apply(graphdef, learned, stats, x, train=False)[0],
+                               M.classifier_apply(g_fixed, fixed, stats, x, train=False)[0], rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda p: M.classifier_apply(graphdef, p, stats, x, train=False)[0].sum())(learned)
+    assert np.abs(grads['encoder']['pos_embed'][0, 1:]).max() > 0 and np.abs(grads['encoder']['pos_embed'][0, 0]).max() > 0
+    assert train.decay_mask(learned)['encoder']['pos_embed'] is False
+    assert optim.layer_id(('encoder', 'pos_embed'), c.depth) == 0
+    learned['head']['kernel'] = jnp.ones_like(learned['head']['kernel'])  # make the logits sensitive
+    moved = jax.tree.map(lambda a: a, learned)
+    moved['encoder']['pos_embed'] = pos + jax.random.normal(jax.random.PRNGKey(0), pos.shape)
+    assert not np.allclose(M.classifier_apply(graphdef, moved, stats, x, train=False)[0], M.classifier_apply(graphdef, learned, stats, x, train=False)[0])
+    with pytest.raises(ValueError, match='learn_pos_embed must be False'):
+        M.Classifier(c, K, head='linear_probe', learn_pos_embed=True, rngs=nnx.Rngs(1))
+
+
 def test_finetune_heads_follow_mae():
     c = tiny()
     x = images()

@@ -80,6 +80,16 @@ def test_nan_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored['state']['params']))
 
 
+def test_gradient_clipping_can_be_turned_on_when_resuming(folder, tmp_path):
+    """The NaN message advises setting grad_clip_norm and relaunching: the checkpoint must fit."""
+    root, data_dir = folder
+    train.train_and_evaluate(smoke_config(root, data_dir, total_steps=8), str(tmp_path), devices=DEV, stop_after=4)
+    rest = train.train_and_evaluate(smoke_config(root, data_dir, total_steps=8, grad_clip_norm=1e-3), str(tmp_path),
+                                    devices=DEV)
+    assert rest['step'] == 8 and len(rest['losses']) == 4
+    assert np.isfinite(rest['losses']).all()
+
+
 def test_missing_dataset_is_refused_before_compiling(tmp_path):
     c = smoke_config(tmp_path / 'nope', tmp_path / 'tfds')
     from colormae_jax import config_lib

@@ -144,6 +144,11 @@ class FAMTMasking(core.Strategy):
             raise core.MaskConfigError('mask.famt.min_weight', f'must be in (0, 1), got {self.min_weight}')
         if self.warmup_epochs < 0:
             raise core.MaskConfigError('mask.famt.warmup_epochs', f'must be >= 0, got {self.warmup_epochs}')
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise core.MaskConfigError('mask.famt.warmup_steps', f'must be >= 0 (or unset), got {self.warmup_steps}')
+        if self.update_every_steps is not None and self.update_every_steps < 1:
+            raise core.MaskConfigError('mask.famt.update_every_steps',
+                                       f'must be >= 1 (or unset), got {self.update_every_steps}')
         if not self.update_every_epochs > 0:
             raise core.MaskConfigError('mask.famt.update_every_epochs',
                                        f'must be positive, got {self.update_every_epochs}')
@@ -161,11 +166,6 @@ class FAMTMasking(core.Strategy):
         if every < 1:
             raise core.MaskConfigError('mask.famt.update_every_epochs',
                                        f'the update interval is {every} steps; it must be at least 1')
-        if every > total_steps:
-            raise core.MaskConfigError(
-                'mask.famt.update_every_epochs', f'the update interval ({every} steps: {self.update_every_epochs:g} '
-                f'epochs of {steps_per_epoch} steps, or mask.famt.update_every_steps) is longer than training '
-                f'({total_steps} steps); shorten it')
         if first >= total_steps:
             raise core.MaskConfigError(
                 'mask.famt.warmup_epochs', f'the first weight update would come at step {first}, after training ends '

@@ -164,7 +164,7 @@ def _torch_shape(kind: str, shape: tuple, c: model_lib.MAEConfig) -> tuple:
 
 def pos_table(grid: int, dim: int) -> np.ndarray:
     """MAE's ``pos_embed`` [1, 1+grid*grid, dim]: a zero row for [CLS], then our sin-cos table."""
-    return np.concatenate([np.zeros((1, dim), np.float32), model_lib.sincos_2d(grid, dim)])[None]
+    return model_lib.sincos_table_with_cls(grid, dim)
 
 
 def _check_pos(key: str, value: np.ndarray, grid: int, dim: int) -> str | None:
@@ -453,7 +453,8 @@ def export_torch(params: Params, mae_config: model_lib.MAEConfig, path: str | No
     it is an encoder-only file like ``mae_pretrain_vit_base.pth``. 'timm': a bare state dict for timm's
     ``VisionTransformer`` (encoder only; no ``head.*``: build the model with ``num_classes=0`` or load with
     ``strict=False``). 'mmpretrain': the MAE names of mmpretrain, saved as ``{'state_dict': ...}``.
-    ``pos_embed`` / ``decoder_pos_embed`` are our sin-cos tables with a zero [CLS] row.
+    ``pos_embed`` / ``decoder_pos_embed`` are our sin-cos tables with a zero [CLS] row (``pos_embed``:
+    the learned table of a fine-tuned encoder, if it has one).
     """
     torch = _torch()
     layout_key('cls_token', layout)  # refuses an unknown layout
@@ -476,8 +477,9 @@ def export_torch(params: Params, mae_config: model_lib.MAEConfig, path: str | No
             raise ConversionError(f'params have {found} at {path_str(e.path)}, the config needs {want}: pass the '
                                   f'MAEConfig the params were made with.')
         put(e.key, _to_torch(e.kind, x, c))
-        if e.key == 'cls_token':
-            put('pos_embed', pos_table(c.grid, c.width))
+        if e.key == 'cls_token':  # a fine-tuned encoder's learned table, else the sin-cos one
+            learned = have.get(tuple(str(p) for p in e.path[:-1]) + ('pos_embed',))
+            put('pos_embed', pos_table(c.grid, c.width) if learned is None else learned)
         elif e.key == 'mask_token':
             put('decoder_pos_embed', pos_table(c.grid, c.dec_width))
     if path is not None:
