@@ -133,3 +133,15 @@ def test_attention_implementations_agree():
     ref = M.attention(q, k, v, 'xla')
     np.testing.assert_allclose(M.attention(q, k, v, 'einsum'), ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(M.attention(q, k, v, 'auto'), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_is_the_exact_gelu_with_its_derivative():
+    x = jnp.linspace(-6.0, 6.0, 20001)
+    # through erf as torch's nn.GELU: below about -5 the tail (< 1e-6) rounds to 0, where erfc keeps it
+    np.testing.assert_allclose(M.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+    grad = jax.vmap(jax.grad(M.gelu))(x)
+    want = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    assert abs(float(jax.grad(M.gelu)(0.0)) - 0.5) < 1e-7  # Phi(0)
+    xb = x.astype(jnp.bfloat16)
+    assert M.gelu(xb).dtype == jnp.bfloat16 and jax.grad(lambda v: M.gelu(v).sum())(xb).dtype == jnp.bfloat16
