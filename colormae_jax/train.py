@@ -315,6 +315,10 @@ class MaskPhases:
             if i and start >= t.total_steps:
                 raise config_lib.ConfigError('mask.schedule', f'{name!r} starts at epoch {epoch:g} (step {start}), at '
                                                               f'or after the end of training (step {t.total_steps})')
+            if i and start <= self.starts[-1]:
+                raise config_lib.ConfigError('mask.schedule', f'{name!r} at epoch {epoch:g} starts at step {start}, '
+                                                              f'which leaves no step to the entry before it '
+                                                              f'({t.steps_per_epoch} steps per epoch); space them out')
             self.starts.append(start)
             self.strategies.append(masking.create(t.config.mask, t.mae.grid, name))
         self._built: dict[masking.Strategy, tuple] = {}

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from colormae_jax import config_lib, masking, train
+from colormae_jax import config_lib, masking, parallel, train
 from colormae_jax.masking import colour
 from helpers import make_folder, override, smoke_config
 
@@ -174,6 +174,14 @@ def test_bad_noise_configs(tmp_path, folder):
                                                      **{'mask.noise.path': str(tmp_path / 'small.npz')})
     assert 'epochs must increase' in _bad(tmp_path, folder, **{'mask.schedule': 'green,blue@2,red@1'})
     assert "'teal' is unknown" in _bad(tmp_path, folder, **{'mask.schedule': 'green,teal@2'})
+
+
+def test_schedule_switches_that_round_to_one_step_are_refused(tmp_path, folder):
+    root, data_dir = folder
+    c = smoke_config(root, data_dir, **{'mask.schedule': 'green,blue@1,red@1.01'})
+    t = train.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
+    with pytest.raises(config_lib.ConfigError, match="'red' at epoch 1.01 starts at step 4, which leaves no step"):
+        train.MaskPhases(t)  # built before anything compiles
 
 
 def test_parse_schedule():
