@@ -88,7 +88,8 @@ def make_trainer(config, mesh, steps_per_epoch: int) -> Trainer:
     total = config_lib.resolve_steps(config, 'total', steps_per_epoch)
     warmup = config_lib.resolve_steps(config, 'warmup', steps_per_epoch)
     if warmup > total:
-        raise config_lib.ConfigError('warmup_epochs', f'warm-up ({warmup} steps) is longer than training ({total} steps)')
+        key = 'warmup_steps' if config.get('warmup_steps') is not None else 'warmup_epochs'
+        raise config_lib.ConfigError(key, f'warm-up ({warmup} steps) is longer than training ({total} steps)')
     schedule = make_schedule(config, total, warmup)
     tx = make_optimizer(config, schedule)
     abstract = jax.eval_shape(lambda: new_state(config, c, tx))

@@ -111,3 +111,13 @@ def test_remat_gives_the_same_step():
         outs.append((losses, float(m['grad_norm'])))
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5)
+
+
+def test_warmup_longer_than_training_names_the_key_that_was_set():
+    import pytest
+    from colormae_jax import config_lib
+    mesh = parallel.make_mesh((('data', -1), ('fsdp', 1)), jax.devices()[:1])
+    with pytest.raises(config_lib.ConfigError, match=r'config.warmup_steps: warm-up \(5 steps\) is longer'):
+        train.make_trainer(smoke_config(total_steps=2, warmup_steps=5), mesh, steps_per_epoch=10)
+    with pytest.raises(config_lib.ConfigError, match=r'config.warmup_epochs: warm-up \(30 steps\) is longer'):
+        train.make_trainer(smoke_config(total_steps=2, warmup_steps=None, warmup_epochs=3.0), mesh, steps_per_epoch=10)
