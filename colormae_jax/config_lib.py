@@ -100,12 +100,13 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
     if knn is not None and knn.get('every_epochs'):
         _check(knn.every_epochs > 0, 'knn.every_epochs', f'must be >= 0 (0: off), got {knn.every_epochs}')
         _validate_knn(knn, num_devices)
-    if knn is not None and knn.get('every_epochs') and check_data and config.data.source == 'folder':
-        split = os.path.join(config.data.root, config.data.eval_split)
-        _check(os.path.isdir(split), 'knn.every_epochs',
-               f'the kNN monitor needs the eval split {split!r}, which does not exist; set data.eval_split to one of '
-               f'{sorted(x for x in os.listdir(config.data.root) if os.path.isdir(os.path.join(config.data.root, x)))}'
-               f' or turn the monitor off with --config.knn.every_epochs=0')
+        if check_data and config.data.source == 'folder':
+            split = os.path.join(config.data.root, config.data.eval_split)
+            root = config.data.root
+            _check(os.path.isdir(split), 'knn.every_epochs',
+                   f'the kNN monitor needs the eval split {split!r}, which does not exist; set data.eval_split to one '
+                   f'of {sorted(x for x in os.listdir(root) if os.path.isdir(os.path.join(root, x)))}'
+                   f' or turn the monitor off with --config.knn.every_epochs=0')
 
 
 def _check_batch(bs, num_devices: int, key: str) -> None:

@@ -511,10 +511,6 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
         writer.write_scalars(step, last)
         pending, data_wait = [], 0.0
 
-    def save(step):
-        flush(step)  # a state that follows a non-finite step is never saved
-        ckpt.save(step, state, it, config, force=True, extra=task.extra())
-
     step = start
     with _Preemption(ckpt, deadline, config.log_every_steps) as should_stop:
         for step in range(start + 1, end + 1):
@@ -532,15 +528,13 @@ def run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline=
             if step % config.log_every_steps == 0 or step == end or stop:
                 flush(step)
             due = step % config.ckpt.every_steps == 0 or step == total or stop
-            if not stop:  # before the save, so that what it records (a best accuracy) is saved with the step
-                try:
+            try:
+                if not stop:  # before the save, so that what it records (a best accuracy) is saved with the step
                     task.after_step(step, state, writer)
-                except Exception:
-                    if due:  # a failing evaluation loses no training
-                        save(step)
-                    raise
-            if due:
-                save(step)
+            finally:
+                if due:  # also when the evaluation failed: it loses no training
+                    flush(step)  # a state that follows a non-finite step is never saved
+                    ckpt.save(step, state, it, config, force=True, extra=task.extra())
             if stop:  # a preemption saves first (and waits for it), then evaluates
                 ckpt.wait()
                 task.after_step(step, state, writer)

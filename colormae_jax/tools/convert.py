@@ -162,14 +162,9 @@ def _torch_shape(kind: str, shape: tuple, c: model_lib.MAEConfig) -> tuple:
     return tuple(shape)
 
 
-def pos_table(grid: int, dim: int) -> np.ndarray:
-    """MAE's ``pos_embed`` [1, 1+grid*grid, dim]: a zero row for [CLS], then our sin-cos table."""
-    return model_lib.sincos_table_with_cls(grid, dim)
-
-
 def _check_pos(key: str, value: np.ndarray, grid: int, dim: int) -> str | None:
     """None if the checkpoint's table is ours; otherwise a note saying how it differs."""
-    want = pos_table(grid, dim)
+    want = model_lib.sincos_table_with_cls(grid, dim)
     if tuple(value.shape) != want.shape:
         return (f'{key} has shape {tuple(value.shape)}, ours for a {grid}x{grid} grid is {want.shape}: the checkpoint '
                 f'was made for another image size. It is not imported (our table is fixed), so the model runs '
@@ -479,9 +474,9 @@ def export_torch(params: Params, mae_config: model_lib.MAEConfig, path: str | No
         put(e.key, _to_torch(e.kind, x, c))
         if e.key == 'cls_token':  # a fine-tuned encoder's learned table, else the sin-cos one
             learned = have.get(tuple(str(p) for p in e.path[:-1]) + ('pos_embed',))
-            put('pos_embed', pos_table(c.grid, c.width) if learned is None else learned)
+            put('pos_embed', model_lib.sincos_table_with_cls(c.grid, c.width) if learned is None else learned)
         elif e.key == 'mask_token':
-            put('decoder_pos_embed', pos_table(c.grid, c.dec_width))
+            put('decoder_pos_embed', model_lib.sincos_table_with_cls(c.grid, c.dec_width))
     if path is not None:
         wrapper = WRAPPERS[layout]
         torch.save({wrapper: sd} if wrapper else sd, path)
