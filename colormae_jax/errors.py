@@ -1,0 +1,18 @@
+"""The errors a user can fix: each names what is wrong and what to do (docs/design.md).
+
+The bottom of the package: every layer may raise them, ``main`` prints them as one line.
+"""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message names the key and what would be valid."""
+
+    def __init__(self, key: str, msg: str | None = None):
+        # One-argument form: config_flags re-raises ``type(e)(full_message)``.
+        super().__init__(key if msg is None else f'config.{key}: {msg}')
+        self.key = None if msg is None else key
+
+
+class DataError(ValueError):
+    """Bad data input; the message says what is wrong and how to fix it."""
