@@ -3,22 +3,18 @@ r"""MAE pre-training on CIFAR-10 (a JPEG folder or the TFDS dataset).
   python -m colormae_jax.main --config configs/cifar10.py:mask=random,variant=Ti/4 --workdir /tmp/mae
   python -m colormae_jax.main --config configs/cifar10.py:smoke --workdir /tmp/mae_smoke
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from colormae_jax.config_lib import parse_arg  # noqa: E402
-import common  # noqa: E402
+from colormae_jax import defaults
+from colormae_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
     a = parse_arg(arg, mask='random', variant='Ti/4', smoke=False, root='../shared/data/cifar10')
-    c = common.base_config()
+    c = defaults.base_config()
     c.data.root = a.root
     c.data.image_size = 32
     c.model.variant = a.variant
     c.model.decoder.update(width=128, depth=4, heads=4)
-    common.set_mask(c, a.mask)
+    defaults.set_mask(c, a.mask)
     c.batch_size = 256
     c.total_epochs = 200.0
     c.warmup_epochs = 10.0

@@ -6,17 +6,13 @@ r"""Evaluations on CIFAR-10 of a pre-trained encoder: kNN, linear probe, fine-tu
   python -m colormae_jax.main --config configs/cifar10_eval.py:task=finetune --config.init_from=/tmp/mae \
       --workdir /tmp/finetune
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from colormae_jax.config_lib import parse_arg  # noqa: E402
-import common  # noqa: E402
+from colormae_jax import defaults
+from colormae_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
     a = parse_arg(arg, task='linear_probe', smoke=False, root='../shared/data/cifar10', init_from='')
-    c = common.eval_config(a.task)
+    c = defaults.eval_config(a.task)
     c.init_from = a.init_from
     c.data.root = a.root
     c.data.image_size = 32

@@ -3,17 +3,13 @@ batch 4096, 800 epochs, 40 warm-up, base lr 1.5e-4, AdamW (0.9, 0.95), wd 0.05).
 
   python -m colormae_jax.main --config configs/imagenet.py:mask=random --workdir gs://BUCKET/mae_b16
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from colormae_jax.config_lib import parse_arg  # noqa: E402
-import common  # noqa: E402
+from colormae_jax import defaults
+from colormae_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
     a = parse_arg(arg, mask='random', variant='B/16', smoke=False, data_dir='')
-    c = common.base_config()
+    c = defaults.base_config()
     c.data.source = 'tfds'
     c.data.name = 'imagenet2012'
     c.data.data_dir = a.data_dir
@@ -22,7 +18,7 @@ def get_config(arg=None):
     c.model.variant = a.variant
     c.data.eval_split = 'validation'
     c.model.compute_dtype = 'bfloat16'
-    common.set_mask(c, a.mask)
+    defaults.set_mask(c, a.mask)
     c.ckpt.every_steps = 2000
     if a.smoke:
         c.data.image_size = 64

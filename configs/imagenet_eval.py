@@ -7,17 +7,13 @@ r"""Evaluations on ImageNet-1k (TFDS imagenet2012 as array_record), the MAE reci
   python -m colormae_jax.main --config configs/imagenet_eval.py:task=linear_probe --config.init_from=/tmp/mae_b16 \
       --config.probe.mode=faithful --workdir /tmp/lin_b16
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from colormae_jax.config_lib import parse_arg  # noqa: E402
-import common  # noqa: E402
+from colormae_jax import defaults
+from colormae_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
     a = parse_arg(arg, task='finetune', data_dir='', init_from='')
-    c = common.eval_config(a.task)  # the MAE recipe defaults
+    c = defaults.eval_config(a.task)  # the MAE recipe defaults
     c.init_from = a.init_from
     c.data.source, c.data.name, c.data.data_dir = 'tfds', 'imagenet2012', a.data_dir
     c.data.eval_split = 'validation'

@@ -1,15 +1,11 @@
-"""Defaults shared by every pre-training config."""
+"""The defaults every config starts from: configs/*.py import this module and change what differs."""
 import ml_collections
 from ml_collections.config_dict import placeholder
 
 
-def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.init_from = ''                # start from these params (a workdir, WORKDIR/checkpoints/STEP, a tools.convert
-                                    # import folder) instead of a random init; a resumed run ignores it
-
-    c.data = ml_collections.ConfigDict(dict(
+def data_config() -> ml_collections.ConfigDict:
+    """``config.data``: the dataset and the input pipeline."""
+    return ml_collections.ConfigDict(dict(
         source='folder',            # 'folder': <root>/<split>/<class>/*.jpg; 'tfds': a prepared array_record dataset
         root='',                    # for 'folder'
         name='',                    # for 'tfds', e.g. 'imagenet2012'
@@ -23,7 +19,17 @@ def base_config() -> ml_collections.ConfigDict:
         std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
         normalize_on='device',      # 'device': uint8 crosses to the accelerator, 4x fewer bytes
         num_workers=0,              # grain worker processes (0: in the main process)
+        prefetch_buffer=2,          # batches prepared ahead (in as many threads)
     ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.init_from = ''                # start from these params (a workdir, WORKDIR/checkpoints/STEP, a tools.convert
+                                    # import folder) instead of a random init; a resumed run ignores it
+
+    c.data = data_config()
 
     c.model = ml_collections.ConfigDict(dict(
         variant='B/16',
