@@ -1,20 +1,14 @@
-"""Config helpers: ``get_config(arg)`` argument parsing and validation before compiling."""
+"""Config helpers: ``get_config(arg)`` argument parsing, step counts, and the checks every
+task runs before anything is compiled (the defaults themselves: :mod:`colormae_jax.defaults`)."""
 from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
 from colormae_jax import masking, model, parallel
-
-
-class ConfigError(ValueError):
-    """A config value is wrong. The message names the key and what would be valid."""
-
-    def __init__(self, key: str, msg: str | None = None):
-        # One-argument form: config_flags re-raises ``type(e)(full_message)``.
-        super().__init__(key if msg is None else f'config.{key}: {msg}')
-        self.key = None if msg is None else key
+from colormae_jax.errors import ConfigError
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -44,7 +38,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def resolve_steps(config, name: str, steps_per_epoch: int) -> int:
     """``config.{name}_steps`` if set, else ``config.{name}_epochs`` -> steps."""
-    steps, epochs = config.get(f'{name}_steps'), config.get(f'{name}_epochs')
+    steps, epochs = config[f'{name}_steps'], config[f'{name}_epochs']
     if steps is None and epochs is None:
         raise ConfigError(f'{name}_steps', f'set {name}_steps or {name}_epochs')
     return int(steps) if steps is not None else int(round(epochs * steps_per_epoch))
@@ -56,8 +50,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 def validate(config, num_devices: int | None = None, check_data: bool = True) -> None:
-    """Refuses a bad config with a :class:`ConfigError` before anything is compiled."""
-    import jax
+    """Refuses a bad pre-training config with a :class:`ConfigError` before anything is compiled."""
     num_devices = num_devices or jax.device_count()
     try:
         name, patch = model.parse_variant(config.model.variant)
@@ -80,24 +73,18 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
            f"{config.model.attn_impl!r}; valid: {model.ATTN_IMPLS}")
     ratio = config.mask.ratio
     _check(0 < ratio < 1, 'mask.ratio', f'must be in (0, 1), got {ratio}')
-    throw = config.mask.get('throw_ratio', 0.0)
+    throw = config.mask.throw_ratio
     _check(0 <= throw < 1, 'mask.throw_ratio', f'must be in [0, 1), got {throw}')
     try:
         masking.counts((size // patch) ** 2, ratio, throw)
     except ValueError as e:
         raise ConfigError('mask.ratio', str(e)) from None
-    try:
-        for _, name in masking.parse_schedule(config.mask):
-            masking.create(config.mask, size // patch, name).check()
-    except masking.MaskConfigError as e:
-        raise ConfigError(e.key, str(e)) from None
+    for _, name in masking.parse_schedule(config.mask):
+        masking.create(config.mask, size // patch, name).check(num_devices)
     _validate_run(config, num_devices)
     _validate_data(config.data, check_data)
-    famt = config.mask.get('famt')
-    if famt is not None and famt.get('update_batch_size'):
-        _check_batch(famt.update_batch_size, num_devices, 'mask.famt.update_batch_size')
-    knn = config.get('knn')
-    if knn is not None and knn.get('every_epochs'):
+    knn = config.knn
+    if knn.every_epochs:
         _check(knn.every_epochs > 0, 'knn.every_epochs', f'must be >= 0 (0: off), got {knn.every_epochs}')
         _validate_knn(knn, num_devices)
         if check_data and config.data.source == 'folder':
@@ -118,7 +105,7 @@ def _check_batch(bs, num_devices: int, key: str) -> None:
 def _validate_knn(knn, num_devices: int) -> None:
     _check(knn.k >= 1, 'knn.k', f'must be >= 1, got {knn.k}')
     _check(knn.temperature > 0, 'knn.temperature', f'must be positive, got {knn.temperature}')
-    if knn.get('batch_size'):
+    if knn.batch_size:
         _check_batch(knn.batch_size, num_devices, 'knn.batch_size')
 
 
@@ -131,16 +118,14 @@ def _validate_run(config, num_devices: int) -> None:
         raise ConfigError('mesh', str(e)) from None
     _check(config.base_lr > 0, 'base_lr', f'must be positive, got {config.base_lr}')
     _check(config.wd >= 0, 'wd', f'must be >= 0, got {config.wd}')
-    _check(0 <= config.get('min_lr', 0.0) <= config.base_lr * config.batch_size / 256, 'min_lr',
+    _check(0 <= config.min_lr <= config.base_lr * config.batch_size / 256, 'min_lr',
            f'must be in [0, the peak lr base_lr * batch_size / 256 = {config.base_lr * config.batch_size / 256:g}], '
-           f'got {config.get("min_lr", 0.0)}')
+           f'got {config.min_lr}')
     for b in ('b1', 'b2'):
-        if config.get(b) is not None:
-            _check(0 <= config[b] < 1, b, f'must be in [0, 1), got {config[b]}')
-    _check(config.get('grad_clip_norm', 0.0) >= 0, 'grad_clip_norm', 'must be >= 0 (0: off), got '
-                                                                     f'{config.get("grad_clip_norm")}')
+        _check(0 <= config[b] < 1, b, f'must be in [0, 1), got {config[b]}')
+    _check(config.grad_clip_norm >= 0, 'grad_clip_norm', f'must be >= 0 (0: off), got {config.grad_clip_norm}')
     for n in ('total', 'warmup'):
-        steps, epochs = config.get(f'{n}_steps'), config.get(f'{n}_epochs')
+        steps, epochs = config[f'{n}_steps'], config[f'{n}_epochs']
         _check(steps is not None or epochs is not None, f'{n}_steps', f'set {n}_steps or {n}_epochs')
         v = steps if steps is not None else epochs
         _check(v >= 0, f'{n}_steps' if steps is not None else f'{n}_epochs', f'must be >= 0, got {v}')
@@ -152,9 +137,8 @@ def _validate_run(config, num_devices: int) -> None:
 def _validate_data(d, check_data: bool) -> None:
     _check(d.source in ('folder', 'tfds'), 'data.source', f"{d.source!r}; valid: 'folder', 'tfds'")
     _check(d.normalize_on in ('device', 'host'), 'data.normalize_on', f"{d.normalize_on!r}; valid: 'device', 'host'")
-    _check(d.get('prefetch_buffer', 1) >= 1, 'data.prefetch_buffer', f'must be >= 1, got {d.get("prefetch_buffer")}')
-    _check(d.get('num_workers', 0) >= 0, 'data.num_workers', f'must be >= 0 (0: decode in this process), got '
-                                                             f'{d.get("num_workers")}')
+    _check(d.prefetch_buffer >= 1, 'data.prefetch_buffer', f'must be >= 1, got {d.prefetch_buffer}')
+    _check(d.num_workers >= 0, 'data.num_workers', f'must be >= 0 (0: decode in this process), got {d.num_workers}')
     lo, hi = d.crop_scale
     _check(0 < lo <= hi <= 1, 'data.crop_scale', f'must satisfy 0 < min <= max <= 1, got {tuple(d.crop_scale)}')
     if check_data and d.source == 'folder':
@@ -170,9 +154,8 @@ def _validate_data(d, check_data: bool) -> None:
 
 def validate_eval(config, num_devices: int | None = None, check_data: bool = True) -> None:
     """Refuses a bad evaluation config (kNN, linear probe, fine-tuning) before compiling."""
-    import jax
     num_devices = num_devices or jax.device_count()
-    _check(bool(config.get('init_from')), 'init_from', 'set the pre-training run to evaluate, e.g. '
+    _check(bool(config.init_from), 'init_from', 'set the pre-training run to evaluate, e.g. '
                                                        '--config.init_from=/tmp/mae_green (a workdir or its '
                                                        'checkpoints/STEP, or a tools.convert import folder)')
     _check(isinstance(config.num_classes, int) and config.num_classes >= 2, 'num_classes',
@@ -188,11 +171,3 @@ def validate_eval(config, num_devices: int | None = None, check_data: bool = Tru
         split = os.path.join(config.data.root, config.data.eval_split)
         _check(os.path.isdir(split), 'data.eval_split', f'{split!r} does not exist; the splits in '
                                                         f'{config.data.root!r} are {sorted(os.listdir(config.data.root))}')
-
-
-def validate_task(config, num_devices: int | None = None, check_data: bool = True) -> None:
-    """:func:`validate` for pre-training, :func:`validate_eval` for the other tasks."""
-    if config.get('task', 'pretrain') == 'pretrain':
-        validate(config, num_devices, check_data)
-    else:
-        validate_eval(config, num_devices, check_data)

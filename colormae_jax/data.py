@@ -1,12 +1,7 @@
-"""Data: a TFDS builder for image folders, TFDS datasets by name, and the grain pipeline.
+"""The input pipeline: grain batches (train and eval) from a dataset's source, and global arrays.
 
-Sources (both read as TFDS array_record data sources: random access, no TensorFlow):
-  * ``source='folder'``: ``<root>/<split>/<class>/*.{jpg,jpeg,png}`` (any case), prepared once
-    into array_record under ``data_dir`` by :class:`ImageFolder`;
-  * ``source='tfds'``: any TFDS dataset already prepared as array_record (``imagenet2012``, ...),
-    with an ``image`` and a ``label`` feature.
-
-Training pipeline, per process (``make_train_iterator``)::
+The sources come from :mod:`colormae_jax.datasets` (prepared once per run); this module turns
+them into batches. Training pipeline, per process (``make_train_iterator``)::
 
     source -> attach the index in the full split -> this process's shard (equal sizes)
     -> shuffle (a new order every epoch) -> repeat -> RandomResizedCrop + flip -> batch
@@ -23,258 +18,21 @@ same batches, with or without worker processes, and ``iterator.get_state()`` /
 """
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
 import io
 import math
-import os
-import re
 from typing import Any, Callable, Iterator
 
 import grain
 import jax
-import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+from colormae_jax import datasets
+from colormae_jax.errors import DataError
+
 MAE_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 MAE_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 EVAL_CROP_FRACTION = 0.875
-DEFAULT_PREFETCH_BUFFER = 2
-
-
-class DataError(ValueError):
-    """Bad data input; the message says what is wrong and how to fix it."""
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        source='folder', root='', name='', data_dir='', split='train', image_size=32, crop_scale=(0.2, 1.0),
-        hflip=True, mean=MAE_MEAN, std=MAE_STD, normalize_on='device', num_workers=0,
-        prefetch_buffer=DEFAULT_PREFETCH_BUFFER))
-
-
-def _opt(cfg, name: str, default):
-    """``cfg.name`` or ``default`` when the field is absent or None (older configs)."""
-    value = getattr(cfg, name, None)
-    return default if value is None else value
-
-
-def _data_dir(data_cfg) -> str:
-    return os.path.expanduser(data_cfg.data_dir or '~/tensorflow_datasets')
-
-
-# ------------------------------------------------------------------------------ image folders
-
-def _visible_dirs(path: str) -> list[str]:
-    return sorted(d for d in os.listdir(path) if not d.startswith('.') and os.path.isdir(os.path.join(path, d)))
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _split_names(root: str) -> list[str]:
-    """The subfolders of ``root`` that hold class folders."""
-    return [s for s in _visible_dirs(root) if _visible_dirs(os.path.join(root, s))]
-
-
-def _class_names(root: str) -> list[str]:
-    """Sorted union of the class folders of all splits (a split may lack some classes)."""
-    return sorted({c for s in _split_names(root) for c in _visible_dirs(os.path.join(root, s))})
-
-
-def _list_split(split_dir: str) -> list[tuple[str, str]]:
-    """(class, file name) of every image of a split, in a fixed order."""
-    return [(c, f) for c in _visible_dirs(split_dir)
-            for f in sorted(os.listdir(os.path.join(split_dir, c))) if _is_image(f)]
-
-
-def _scan(root: str) -> dict[str, int]:
-    """Checks the layout; returns the number of images per split. Cheap (no decoding)."""
-    layout = f'{root}/<split>/<class>/*.jpg (or .jpeg/.png), e.g. {root}/train/cat/0001.jpg'
-    splits = _split_names(root)
-    if not splits:
-        loose = [d for d in _visible_dirs(root) if any(_is_image(f) for f in os.listdir(os.path.join(root, d)))]
-        hint = (f' It holds images directly in class-like folders ({", ".join(loose[:3])}): did you point root at a '
-                f'split folder? Use its parent, with the split as a subfolder.' if loose else '')
-        raise DataError(f'data.root={root} holds no <split>/<class>/ folders; expected {layout}.{hint}')
-    counts = {}
-    for s in splits:
-        if not re.fullmatch(r'\w+', s):
-            raise DataError(f'split folder {os.path.join(root, s)!r}: split names may hold only letters, digits and _; '
-                            f'rename the folder (e.g. {re.sub(r"[^0-9A-Za-z_]", "_", s)!r})')
-        counts[s] = len(_list_split(os.path.join(root, s)))
-        if not counts[s]:
-            raise DataError(f'split folder {os.path.join(root, s)} holds no images ({"/".join(IMAGE_EXTENSIONS)}); '
-                            f'expected {layout}. Add images or remove the folder.')
-    return counts
-
-
-def _folder_config_name(root: str) -> str:
-    """``<basename>_<hash of the absolute path>``: different folders never share prepared files."""
-    root = os.path.abspath(root)
-    base = re.sub(r'[^a-z0-9]+', '_', os.path.basename(root.rstrip('/')).lower()).strip('_') or 'root'
-    return f'{base}_{hashlib.sha1(root.encode()).hexdigest()[:8]}'
-
-
-def _read_checked(path: str) -> bytes:
-    """The file's bytes when it decodes as an RGB JPEG/PNG, else the image re-encoded as an RGB PNG.
-
-    Decodes every image once so that a broken file fails preparation with its name.
-    """
-    try:
-        with open(path, 'rb') as f:
-            raw = f.read()
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            if im.mode == 'RGB' and im.format in ('JPEG', 'PNG'):
-                return raw
-            out = io.BytesIO()  # grayscale, palette, RGBA, CMYK, other formats: store RGB
-            im.convert('RGB').save(out, format='PNG')
-            return out.getvalue()
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for broken files
-        raise DataError(f'cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file, then '
-                        f'prepare again (preparation restarts from scratch).') from None
-
-
-class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """``<root>/<split>/<class>/*.jpg`` as a TFDS dataset (array_record), without TensorFlow.
-
-    Prepared under ``<data_dir>/image_folder/<basename>_<hash of the absolute root>/1.0.0``.
-    Features: ``image`` (uint8, (None, None, 3)), ``label`` (class names = sorted class folders
-    of all splits), ``file_name`` (``<class>/<file>``). Not registered with TFDS by name
-    (no clash with ``tfds.folder_dataset``); ``tfds.builder('image_folder/<config>', data_dir=...)``
-    still reads a prepared folder from its files.
-    """
-    VERSION = tfds.core.Version('1.0.0')
-
-    def __init__(self, *, root: str, data_dir: str | None = None, **kwargs):
-        kwargs.pop('config', None)  # always derived from the root
-        kwargs.pop('file_format', None)
-        self._root = os.path.abspath(root)
-        config = tfds.core.BuilderConfig(name=_folder_config_name(root), description=f'image folder {self._root}')
-        super().__init__(config=config, data_dir=data_dir, file_format='array_record', **kwargs)
-
-    @property
-    def root(self) -> str:
-        return self._root
-
-    def __getstate__(self):  # grain workers unpickle the data source, and with it the builder
-        return {'_original_state': {'root': self._root, 'data_dir': self._original_state['data_dir']}}
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=f'Image folder {self._root}', features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(names=_class_names(self._root) if os.path.isdir(self._root) else []),
-            'file_name': tfds.features.Text(),
-        }), supervised_keys=('image', 'label'))
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {s: self._generate_examples(os.path.join(self._root, s)) for s in _split_names(self._root)}
-
-    def _generate_examples(self, split_dir: str):
-        files = _list_split(split_dir)
-        chunk = 512
-        # Decoding (to validate) runs in threads: PIL releases the GIL while decoding.
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
-            for start in range(0, len(files), chunk):
-                part = files[start:start + chunk]
-                paths = [os.path.join(split_dir, c, f) for c, f in part]
-                for (label, name), image in zip(part, pool.map(_read_checked, paths)):
-                    key = f'{label}/{name}'
-                    yield key, {'image': image, 'label': label, 'file_name': key}
-
-
-# ------------------------------------------------------------------------------ builders
-
-def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for ``data_cfg`` (nothing is prepared or read here)."""
-    data_dir = _data_dir(data_cfg)
-    if data_cfg.source == 'folder':
-        root = data_cfg.root
-        if not root or not os.path.isdir(root):
-            raise DataError(f'data.root={root!r} is not a directory. Point it at a folder laid out as '
-                            f'<root>/<split>/<class>/*.jpg, e.g. --config.data.root=../shared/data/cifar10')
-        return ImageFolder(root=root, data_dir=data_dir)
-    if data_cfg.source == 'tfds':
-        if not data_cfg.name:
-            raise DataError("data.name is empty; with data.source='tfds' set the TFDS dataset name, "
-                            "e.g. --config.data.name=imagenet2012")
-        try:
-            return tfds.builder(data_cfg.name, data_dir=data_dir, file_format='array_record')
-        except Exception as e:  # unknown name, bad config/version, ...
-            raise DataError(f'TFDS dataset {data_cfg.name!r} is not available under {data_dir}: '
-                            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}. Check data.name '
-                            f'(tfds name, optionally name/config:version) and data.data_dir.') from None
-    raise DataError(f"data.source={data_cfg.source!r} is not valid; use 'folder' or 'tfds'")
-
-
-def _check_tfds_prepared(builder, data_cfg) -> None:
-    how = (f'Prepare it as array_record under that data_dir, on a machine with TensorFlow: '
-           f'`tfds build {data_cfg.name} --file_format=array_record --data_dir={_data_dir(data_cfg)}`, '
-           f"or use data.source='folder' with a <root>/<split>/<class>/*.jpg folder.")
-    if not builder.is_prepared():
-        raise DataError(f'TFDS dataset {data_cfg.name!r} is not prepared under {_data_dir(data_cfg)} '
-                        f'(looked in {builder.data_dir}). {how}')
-    formats = {f.value for f in builder.info.available_file_formats()}
-    if 'array_record' not in formats:
-        raise DataError(f'TFDS dataset {data_cfg.name!r} under {builder.data_dir} is prepared as {sorted(formats)}, '
-                        f'not array_record (random access). {how}')
-    feats = dict(builder.info.features.items())
-    if not (isinstance(feats.get('image'), tfds.features.Image) and isinstance(feats.get('label'),
-                                                                                tfds.features.ClassLabel)):
-        raise DataError(f'TFDS dataset {data_cfg.name!r} has features {sorted(feats.keys())}; the pipeline needs an '
-                        f"'image' (Image) and a 'label' (ClassLabel) feature.")
-
-
-def prepare(data_cfg) -> tfds.core.DatasetBuilder:
-    """Returns a prepared builder. An image folder is prepared once (array_record), then reused.
-
-    A folder is checked before any heavy work (layout, splits); a broken image stops the
-    preparation with its name. Prepared data is reused as long as the number of images per
-    split is unchanged; delete ``builder.data_dir`` to prepare again after other edits.
-    """
-    builder = get_builder(data_cfg)
-    if data_cfg.source == 'folder':
-        counts = _scan(builder.root)
-        if not builder.is_prepared():
-            builder.download_and_prepare(file_format='array_record')
-        else:
-            stored = {s: builder.info.splits[s].num_examples if s in builder.info.splits else 0 for s in counts}
-            if stored != counts:
-                raise DataError(f'{builder.root} changed since it was prepared into {builder.data_dir} (images per split: '
-                                f'now {counts}, prepared {stored}). Delete {builder.data_dir} to prepare again.')
-    else:
-        _check_tfds_prepared(builder, data_cfg)
-    split = _opt(data_cfg, 'split', 'train')
-    if split not in builder.info.splits:
-        raise DataError(f'data.split={split!r} is not in the dataset; available: {sorted(builder.info.splits)}')
-    return builder
-
-
-def _source(builder: tfds.core.DatasetBuilder, split: str):
-    """Random-access source; the image stays encoded (decoded by the map functions)."""
-    if split not in builder.info.splits:
-        raise DataError(f'split {split!r} is not in the dataset; available: {sorted(builder.info.splits)}')
-    return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
-
-
-def num_examples(data_cfg, split: str | None = None) -> int:
-    """Examples in ``split`` (default ``data_cfg.split``); prepares a folder on first use."""
-    split = split or data_cfg.split
-    info = prepare(data_cfg).info
-    if split not in info.splits:
-        raise DataError(f'split {split!r} is not in the dataset; available: {sorted(info.splits)}')
-    return info.splits[split].num_examples
-
-
-def steps_per_epoch(data_cfg, global_batch_size: int, split: str | None = None) -> int:
-    """``num_examples // global_batch_size`` (batches run across epoch boundaries)."""
-    return num_examples(data_cfg, split) // global_batch_size
 
 
 # ------------------------------------------------------------------------------ transforms
@@ -295,12 +53,6 @@ def model_input(images, data_cfg):
     if images.dtype == np.uint8:
         return normalize(images, data_cfg.mean, data_cfg.std)
     return images.astype(np.float32)
-
-
-def denormalize(images, mean, std):
-    """Inverse of :func:`normalize`: float32 in 0..255 scale (not clipped)."""
-    xp = np if isinstance(images, (np.ndarray, np.generic)) else jax.numpy
-    return xp.asarray(images).astype(xp.float32) * xp.asarray(std, xp.float32) + xp.asarray(mean, xp.float32)
 
 
 def decode_image(encoded) -> Image.Image:
@@ -422,17 +174,18 @@ def _per_process_batch(global_batch_size: int, process_count: int) -> int:
     if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size <= 0:
         raise DataError(f'batch_size={global_batch_size!r} must be a positive int')
     if global_batch_size % process_count:
+        example = process_count * max(1, global_batch_size // process_count)
         raise DataError(f'batch_size={global_batch_size} is not divisible by the {process_count} processes; '
-                        f'use a multiple of {process_count} (e.g. {process_count * max(1, global_batch_size // process_count)})')
+                        f'use a multiple of {process_count} (e.g. {example})')
     return global_batch_size // process_count
 
 
 def _host_norm(data_cfg):
-    mode = _opt(data_cfg, 'normalize_on', 'device')
+    mode = data_cfg.normalize_on
     if mode not in ('device', 'host'):
         raise DataError(f"data.normalize_on={mode!r} is not valid; use 'device' or 'host'")
     if mode == 'host':
-        return tuple(_opt(data_cfg, 'mean', MAE_MEAN)), tuple(_opt(data_cfg, 'std', MAE_STD))
+        return tuple(data_cfg.mean), tuple(data_cfg.std)
     return None, None
 
 
@@ -444,7 +197,7 @@ def _derived_seed(*parts: int) -> int:
 def _read_options(data_cfg) -> grain.ReadOptions:
     # Elements of the MapDataset are whole batches: grain's default buffer (500) would decode
     # hundreds of batches ahead. ``n`` batches are prepared in ``n`` threads.
-    n = max(1, int(_opt(data_cfg, 'prefetch_buffer', DEFAULT_PREFETCH_BUFFER)))
+    n = max(1, int(data_cfg.prefetch_buffer))
     return grain.ReadOptions(num_threads=n, prefetch_buffer_size=n)
 
 
@@ -513,6 +266,12 @@ class TrainIterator(grain.DatasetIterator):
         return f'TrainIterator(step={self._step}, {self._fingerprint})'
 
 
+def steps_per_epoch(data_cfg, global_batch_size: int, split: str | None = None) -> int:
+    """``num_examples // global_batch_size``: the train iterator's full batches per pass over
+    ``split`` (default ``data_cfg.split``; batches run across epoch boundaries)."""
+    return datasets.num_examples(data_cfg, split) // global_batch_size
+
+
 def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, num_epochs: int | None = None,
                         transform: grain.transforms.RandomMap | None = None) -> TrainIterator:
@@ -528,8 +287,7 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_
     if not 0 <= process_index < process_count:
         raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
     batch = _per_process_batch(global_batch_size, process_count)
-    builder = prepare(data_cfg)
-    source = _source(builder, data_cfg.split)
+    source = datasets.data_source(data_cfg, data_cfg.split)
     n = len(source)
     per_process = n // process_count
     if per_process < batch:
@@ -540,18 +298,17 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_
     ds = ds[process_index:per_process * process_count:process_count]
     ds = ds.shuffle(seed=_derived_seed(seed, 0)).repeat(num_epochs)
     if transform is None:  # ``transform``: another augmentation, e.g. fine-tuning's RandAugment
-        transform = RandomResizedCropFlip(data_cfg.image_size, _opt(data_cfg, 'crop_scale', (0.2, 1.0)),
-                                          _opt(data_cfg, 'hflip', True), mean, std)
+        transform = RandomResizedCropFlip(data_cfg.image_size, data_cfg.crop_scale, data_cfg.hflip, mean, std)
     ds = ds.random_map(transform, seed=_derived_seed(seed, 1, process_index))
     ds = ds.batch(batch, drop_remainder=True)
-    workers = int(_opt(data_cfg, 'num_workers', 0))
+    workers = int(data_cfg.num_workers)
     mp_options = None
     if workers > 0:
         from absl import flags
         if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app use the defaults
             flags.FLAGS.mark_as_parsed()
         mp_options = grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=max(1, int(_opt(data_cfg, 'prefetch_buffer', 2))))
+            num_workers=workers, per_worker_buffer_size=max(1, int(data_cfg.prefetch_buffer)))
     fingerprint = dict(seed=int(seed), examples=n, batch=batch, process_index=process_index,
                        process_count=process_count)
     return TrainIterator(ds, _read_options(data_cfg), mp_options, fingerprint)
@@ -568,7 +325,7 @@ def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int, process_
     """
     if not 0 <= process_index < process_count:
         raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
-    source = _source(prepare(data_cfg), split)
+    source = datasets.data_source(data_cfg, split)
     used = min(len(source), limit) if limit else len(source)  # ``limit``: the first examples only
     mean, std = _host_norm(data_cfg)
     s = int(data_cfg.image_size)
@@ -618,7 +375,6 @@ def to_global(batch: dict, sharding_for: Callable[[str, np.ndarray], jax.shardin
     return {k: jax.make_array_from_process_local_data(sharding_for(k, v), np.asarray(v)) for k, v in batch.items()}
 
 
-__all__ = ['DataError', 'ImageFolder', 'default_data_config', 'get_builder', 'prepare', 'num_examples',
-           'steps_per_epoch', 'make_train_iterator', 'TrainIterator', 'make_eval_iterator', 'padded_pass', 'to_global',
-           'normalize', 'denormalize', 'decode_image', 'random_resized_crop_box', 'AttachIndex',
-           'RandomResizedCropFlip', 'CenterCrop', 'ResizeWhole']
+__all__ = ['MAE_MEAN', 'MAE_STD', 'EVAL_CROP_FRACTION', 'steps_per_epoch', 'normalize', 'model_input',
+           'decode_image', 'random_resized_crop_box', 'AttachIndex', 'RandomResizedCropFlip', 'CenterCrop',
+           'ResizeWhole', 'TrainIterator', 'make_train_iterator', 'make_eval_iterator', 'padded_pass', 'to_global']

@@ -25,6 +25,7 @@ def data_config() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.task = 'pretrain'
     c.seed = 0
     c.init_from = ''                # start from these params (a workdir, WORKDIR/checkpoints/STEP, a tools.convert
                                     # import folder) instead of a random init; a resumed run ignores it
@@ -122,7 +123,8 @@ def eval_config(task: str) -> ml_collections.ConfigDict:
                                                 label_smoothing=0.1, randaug_ops=2, randaug_magnitude=9,
                                                 reprob=0.25, pool='mean',
                                                 # MAE's fine-tuning ViT learns pos_embed (from the sin-cos table)
-                                                learn_pos_embed=True))
+                                                learn_pos_embed=True,
+                                                max_test=0))     # evaluate on the first N eval images (0: all)
     c.eval_every_epochs = 10.0
     c.mesh = (('data', -1), ('fsdp', 1))
     c.log_every_steps = 50

@@ -1,7 +1,10 @@
-r"""Pre-train an MAE from a config file.
+r"""Run a task from a config file: MAE pre-training, or an evaluation of a pre-trained encoder.
 
   python -m colormae_jax.main --config configs/cifar10.py:smoke --workdir /tmp/mae_smoke
   python -m colormae_jax.main --config configs/cifar10.py:mask=random --config.batch_size=512 --workdir /tmp/mae
+  python -m colormae_jax.main --config configs/cifar10_eval.py:task=knn --config.init_from=/tmp/mae --workdir /tmp/knn
+
+``config.task`` picks the task from :data:`TASKS`.
 
 Multi-process (docs/multihost.md): on a TPU pod, under SLURM or Open MPI, run the same
 command on every host; ``jax.distributed`` is started by itself. Elsewhere give each process
@@ -16,7 +19,12 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from colormae_jax import config_lib, data, distributed, train
+from colormae_jax import datasets, distributed
+from colormae_jax.errors import ConfigError, DataError
+from colormae_jax.tasks import finetune, knn, linear_probe, pretrain
+
+# config.task -> its module: validate(config, num_devices, check_data), train_and_evaluate(config, workdir, ...)
+TASKS = {'pretrain': pretrain, 'knn': knn, 'linear_probe': linear_probe, 'finetune': finetune}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/cifar10.py:smoke',
                                           lock_config=True)
@@ -63,12 +71,12 @@ def prepare_data_once(config) -> None:
     """With several processes, process 0 prepares the data (an image folder is converted to
     array_record on first use) while the others wait, so that they do not race to write the
     same files on a shared disk; then each process checks (or prepares) its own view."""
-    if jax.process_count() == 1 or 'data' not in config:
+    if jax.process_count() == 1:
         return
     error = None
     if jax.process_index() == 0:
         try:
-            data.prepare(config.data)
+            datasets.prepare(config.data)
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
             error = e
     # Every process learns whether process 0 succeeded (instead of waiting at a barrier
@@ -77,7 +85,7 @@ def prepare_data_once(config) -> None:
     if error is not None:
         raise error
     if not ok:
-        raise data.DataError('process 0 could not prepare the data; its log says why')
+        raise DataError('process 0 could not prepare the data; its log says why')
 
 
 def main(argv):
@@ -95,12 +103,26 @@ def main(argv):
     except distributed.DistributedError as e:
         raise app.UsageError(str(e)) from None
     configure_logging(info.process_index)
+    config = _CONFIG.value
     try:  # before process 0 spends hours preparing the data
-        config_lib.validate_task(_CONFIG.value)
-    except config_lib.ConfigError as e:
+        task = task_module(config)
+        task.validate(config)
+    except ConfigError as e:
         raise app.UsageError(str(e)) from None
-    prepare_data_once(_CONFIG.value)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    prepare_data_once(config)
+    task.train_and_evaluate(config, _WORKDIR.value)
+
+
+def task_module(config):
+    """The module of ``config.task``."""
+    if config.task not in TASKS:
+        raise ConfigError('task', f'{config.task!r}; valid: {sorted(TASKS)}')
+    return TASKS[config.task]
+
+
+def run(config, workdir: str, **kw) -> dict:
+    """Runs ``config.task`` (validated first) in ``workdir``: what ``main`` does, from Python."""
+    return task_module(config).train_and_evaluate(config, workdir, **kw)
 
 
 if __name__ == '__main__':

@@ -1,11 +1,13 @@
-"""Optimizers for MAE-recipe fine-tuning and linear probing.
+"""Optimizers and learning-rate schedules of every task, MAE's recipes.
 
+* :func:`make_schedule`: linear warm-up, then cosine decay (MAE's ``lr_sched.py``).
+* :func:`make_optimizer`: pre-training's AdamW (optionally after global-norm clipping), no
+  weight decay on biases, norms, tokens and position embeddings (:func:`decay_mask`).
 * :func:`make_finetune_optimizer`: AdamW with layer-wise learning-rate decay (MAE's
   ``util/lr_decay.py`` ``param_groups_lrd``): parameter ``p`` of layer ``layer_id(p)`` learns
   at ``lr * layer_decay ** (depth + 1 - layer_id(p))``, and weight decay spares biases,
   norms and tokens.
-* :func:`make_lars`: MAE's LARS (``util/lars.py``) for the linear probe, and
-  :func:`freeze_encoder` to leave the probed encoder alone.
+* :func:`make_lars`: MAE's LARS (``util/lars.py``) for the linear probe.
 
 Parameter trees are pure dicts (``nnx.to_pure_dict``), such as a
 :class:`colormae_jax.model.Classifier`'s: ``{'encoder': {'cls_token', 'patch_embed',
@@ -19,7 +21,30 @@ from typing import Any, Callable
 import jax
 import optax
 
-from colormae_jax.train import decay_mask
+
+def decay_mask(params) -> Any:
+    """Weight decay on matrices only: no decay on biases, norms, tokens or position embeddings
+    (MAE's ``no_weight_decay``; pre-training's are fixed constants, fine-tuning's a parameter)."""
+    def keep(path, x):
+        name = str(getattr(path[-1], 'key', path[-1]))
+        return x.ndim >= 2 and 'token' not in name and name != 'pos_embed'
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_schedule(config, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """0 -> ``base_lr * batch_size / 256`` linearly over ``warmup_steps``, then a cosine to
+    ``min_lr`` at ``total_steps``."""
+    peak = config.base_lr * config.batch_size / 256
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1),
+                                              end_value=config.min_lr)
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+    # Clipping or not, the optimizer state has the same tree (both have an empty state), so a
+    # run that diverged can be resumed with grad_clip_norm set.
+    clip = optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm else optax.identity()
+    return optax.chain(clip, optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.wd,
+                                         mask=decay_mask))
 
 # Names at the top of the encoder whose parameters belong to "layer 0" (the embedding).
 _EMBED_NAMES = ('cls_token', 'pos_embed', 'patch_embed')
@@ -77,7 +102,7 @@ def make_finetune_optimizer(schedule: optax.ScalarOrSchedule, params: Any, *, de
     included: adamw's update is ``-lr * (adam_direction + weight_decay * p)``, linear in
     ``lr``, so scaling it afterwards scales both terms, as torch's AdamW does with
     ``param_group['lr'] = lr * lr_scale`` (MAE). ``decay_mask_fn`` (params -> tree of bools)
-    defaults to :func:`colormae_jax.train.decay_mask`: no decay on 1-D parameters (biases,
+    defaults to :func:`decay_mask`: no decay on 1-D parameters (biases,
     norms) nor on tokens, as MAE's ``param_groups_lrd``. Adam's eps is torch's default (1e-8).
     """
     if not 0.0 < layer_decay <= 1.0:
@@ -87,16 +112,6 @@ def make_finetune_optimizer(schedule: optax.ScalarOrSchedule, params: Any, *, de
         optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay,
                     mask=decay_mask if decay_mask_fn is None else decay_mask_fn),
         scale_by_tree(scales))
-
-
-def freeze_encoder(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` on every top-level entry but ``params['encoder']``, whose updates are zero (and
-    which gets no optimizer state): the linear probe's frozen encoder. (Without it a zero
-    gradient still moves the encoder under weight decay.)"""
-    def labels(params):
-        return {k: jax.tree.map(lambda _: 'frozen' if k == 'encoder' else 'train', v) for k, v in params.items()}
-
-    return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def _matrices(params: Any) -> Any:
@@ -129,4 +144,5 @@ def make_lars(schedule: optax.ScalarOrSchedule, *, weight_decay: float = 0.0, mo
         optax.scale_by_learning_rate(schedule))
 
 
-__all__ = ['layer_id', 'lr_scales', 'scale_by_tree', 'make_finetune_optimizer', 'make_lars', 'freeze_encoder']
+__all__ = ['decay_mask', 'make_schedule', 'make_optimizer', 'layer_id', 'lr_scales', 'scale_by_tree',
+           'make_finetune_optimizer', 'make_lars']

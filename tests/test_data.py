@@ -1,26 +1,26 @@
-"""The grain pipeline over a tiny image folder that the tests make."""
+"""The datasets (prepared once per run) and the grain pipeline over a tiny image folder that the tests make."""
 import os
 
 import numpy as np
 import pytest
+from helpers import make_folder
 from PIL import Image
 
-from colormae_jax import data
-from helpers import make_folder
+from colormae_jax import data, datasets, defaults, errors
 
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp('d')
     root = make_folder(base / 'imgs', per_class=10, size=None, splits=('train', 'test'), fmt='jpg')
-    c = data.default_data_config()
-    c.root, c.data_dir = root, str(base / 'tfds')
-    data.prepare(c)
+    c = defaults.data_config()
+    c.root, c.data_dir, c.image_size = root, str(base / 'tfds'), 32
+    datasets.prepare(c)
     return c
 
 
 def test_prepare_and_read_back(prepared):
-    b = data.prepare(prepared)
+    b = datasets.prepare(prepared)
     assert b.info.splits['train'].num_examples == 20 and b.info.splits['test'].num_examples == 20
     assert b.info.features['label'].names == ['cat', 'dog']
     src = b.as_data_source('train')
@@ -56,7 +56,7 @@ def test_epochs_and_process_shards_cover_every_index(prepared):
         it.close()
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(20))
     # The index is the example's position in the full split.
-    src = data.prepare(prepared).as_data_source('train')
+    src = datasets.prepare(prepared).as_data_source('train')
     it = data.make_train_iterator(prepared, global_batch_size=4, seed=1)
     b = next(it)
     assert [src[int(i)]['label'] for i in b['index']] == b['label'].tolist()
@@ -89,7 +89,7 @@ def test_crop_and_flip_metadata_match_the_pixels(tmp_path):
     img = np.zeros((32, 64, 3), np.uint8)
     img[:, 32:] = 255  # left black, right white
     Image.fromarray(img).save(root / 'a.png')
-    c = data.default_data_config()
+    c = defaults.data_config()
     c.root, c.data_dir, c.image_size = str(tmp_path / 'half'), str(tmp_path / 'tfds'), 16
     c.crop_scale = (1.0, 1.0)  # the whole image (after the aspect fallback) ...
     it = data.make_train_iterator(c, global_batch_size=1, seed=0)
@@ -151,19 +151,52 @@ def test_worker_processes_are_deterministic(prepared):
 
 
 def test_bad_input_errors(tmp_path, prepared):
-    c = data.default_data_config()
+    c = defaults.data_config()
     c.root, c.data_dir = str(tmp_path / 'missing'), str(tmp_path / 'tfds')
-    with pytest.raises(data.DataError, match='is not a directory'):
-        data.prepare(c)
+    with pytest.raises(errors.DataError, match='is not a directory'):
+        datasets.prepare(c)
     bad = tmp_path / 'bad' / 'train' / 'x'
     os.makedirs(bad)
     (bad / 'broken.jpg').write_bytes(b'not a jpeg at all')
     c.root = str(tmp_path / 'bad')
-    with pytest.raises(data.DataError, match='cannot read image .*broken.jpg'):
-        data.prepare(c)
-    t = data.default_data_config()
+    with pytest.raises(errors.DataError, match='cannot read image .*broken.jpg'):
+        datasets.prepare(c)
+    t = defaults.data_config()
     t.source, t.name, t.data_dir = 'tfds', 'cifar10', str(tmp_path / 'empty')
-    with pytest.raises(data.DataError, match="'cifar10' is not prepared under .*tfds build cifar10"):
-        data.prepare(t)
-    with pytest.raises(data.DataError, match='batch_size=5 is not divisible by the 2 processes'):
+    with pytest.raises(errors.DataError, match="'cifar10' is not prepared under .*tfds build cifar10"):
+        datasets.prepare(t)
+    with pytest.raises(errors.DataError, match='batch_size=5 is not divisible by the 2 processes'):
         data.make_train_iterator(prepared, global_batch_size=5, seed=0, process_count=2)
+
+
+def test_prepare_scans_a_folder_once_per_run(tmp_path, monkeypatch):
+    """Every num_examples / iterator call prepares the data; only the first scans the folder."""
+    scans = []
+    scan = datasets._scan
+    monkeypatch.setattr(datasets, '_scan', lambda root: scans.append(root) or scan(root))
+    root = make_folder(tmp_path / 'imgs', per_class=4, splits=('train', 'test'))
+    c = defaults.data_config()
+    c.root, c.data_dir, c.image_size = root, str(tmp_path / 'tfds'), 32
+    b = datasets.prepare(c)
+    assert datasets.num_examples(c) == 8 and datasets.num_examples(c, 'test') == 8
+    assert data.steps_per_epoch(c, 4) == 2
+    it = data.make_train_iterator(c, global_batch_size=4, seed=0)
+    next(it)
+    it.close()
+    assert len(list(data.make_eval_iterator(c, split='test', global_batch_size=4))) == 2
+    rel = c.copy_and_resolve_references()
+    monkeypatch.chdir(tmp_path)
+    rel.root = 'imgs'  # the same folder, named relative to the working directory
+    assert datasets.prepare(rel) is b and datasets.prepare(c) is b
+    assert scans == [os.path.abspath(root)]
+    # A folder changed since it was prepared is refused when the next run (here: a cleared cache) prepares it.
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(os.path.join(root, 'train', 'cat', 'new.png'))
+    assert datasets.num_examples(c) == 8  # this run goes on with what it prepared
+    datasets.prepare.cache_clear()
+    with pytest.raises(errors.DataError, match=r"changed since it was prepared .*now \{'test': 8, 'train': 9}, "
+                                               r"prepared \{'test': 8, 'train': 8}"):
+        datasets.prepare(c)
+    assert len(scans) == 2
+    with pytest.raises(errors.DataError, match='changed since'):  # a failure is not remembered
+        datasets.prepare(c)
+    assert len(scans) == 3

@@ -1,11 +1,50 @@
 """Masking: one interface (:mod:`.core`) and the strategies that plug into it.
 
-Importing this package registers every strategy: ``random`` (:mod:`.core`), the ColorMAE
-colours ``red``, ``blue``, ``green``, ``purple`` (:mod:`.colour`) and ``famt`` (:mod:`.famt`).
+A strategy lives in one module of this package that defines ``STRATEGIES``, a dict
+``{name: factory(name, grid, mask_cfg) -> Strategy}``: ``random`` (:mod:`.core`), the
+ColorMAE colours ``red``, ``blue``, ``green``, ``purple`` (:mod:`.colour`) and ``famt``
+(:mod:`.famt`). :func:`strategies` finds them by listing the package, so a new strategy is
+one new file (and its config section) and nothing registers itself on import.
 """
-from colormae_jax.masking.core import (Counts, MaskConfigError, Partition, RandomMasking, Strategy, counts, create,
-                                       masked_map, names, parse_schedule, partition, register)
-from colormae_jax.masking import colour, famt  # noqa: F401  (registers the colours and famt)
+from __future__ import annotations
 
-__all__ = ['Counts', 'MaskConfigError', 'Partition', 'parse_schedule', 'RandomMasking', 'Strategy', 'counts', 'create', 'masked_map', 'names',
-           'partition', 'register', 'colour', 'famt']
+import importlib
+import pkgutil
+from typing import Any, Callable
+
+from colormae_jax.masking.core import (Counts, HostState, Partition, RandomMasking, RunContext, Strategy, counts,
+                                       masked_map, partition)
+from colormae_jax.masking.core import create as _create
+from colormae_jax.masking.core import parse_schedule as _parse_schedule
+
+Factory = Callable[[str, int, Any], Strategy]
+
+
+def strategies() -> dict[str, Factory]:
+    """Every strategy of the modules of this package (their ``STRATEGIES``), by name."""
+    out: dict[str, Factory] = {}
+    for module in pkgutil.iter_modules(__path__):
+        found = getattr(importlib.import_module(f'{__name__}.{module.name}'), 'STRATEGIES', {})
+        clash = set(found) & set(out)
+        if clash:
+            raise ValueError(f'masking strategy names {sorted(clash)} are defined twice (module {module.name})')
+        out.update(found)
+    return out
+
+
+def names() -> list[str]:
+    return sorted(strategies())
+
+
+def create(mask_cfg, grid: int, name: str | None = None) -> Strategy:
+    """The strategy ``name`` (default ``mask_cfg.strategy``) built from ``config.mask``."""
+    return _create(mask_cfg, grid, name, strategies())
+
+
+def parse_schedule(mask_cfg) -> list[tuple[float, str]]:
+    """``config.mask.schedule`` -> [(start_epoch, strategy name), ...] (see :func:`core.parse_schedule`)."""
+    return _parse_schedule(mask_cfg, names())
+
+
+__all__ = ['Counts', 'HostState', 'Partition', 'RandomMasking', 'RunContext', 'Strategy', 'counts', 'create',
+           'masked_map', 'names', 'parse_schedule', 'partition', 'strategies']

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from colormae_jax.errors import ConfigError
 from colormae_jax.masking import core
 
 COLOURS = ('red', 'blue', 'green', 'purple')
@@ -142,24 +143,24 @@ class ColourNoiseMasking(core.Strategy):
     def bank_path(self) -> str:
         return self.path.format(colour=self.colour) if self.path else ''
 
-    def check(self) -> None:
+    def check(self, num_devices: int) -> None:
         if self.colour not in COLOURS:
-            raise core.MaskConfigError('mask.strategy', f'unknown colour {self.colour!r}; valid: {list(COLOURS)}')
+            raise ConfigError('mask.strategy', f'unknown colour {self.colour!r}; valid: {list(COLOURS)}')
         if self.bank_path():
             try:
                 load_bank(self.bank_path(), self.grid)
             except (OSError, ValueError) as e:
-                raise core.MaskConfigError('mask.noise.path', str(e)) from None
+                raise ConfigError('mask.noise.path', str(e)) from None
             return
         if self.bank_size < 1:
-            raise core.MaskConfigError('mask.noise.bank_size', f'must be at least 1, got {self.bank_size}')
+            raise ConfigError('mask.noise.bank_size', f'must be at least 1, got {self.bank_size}')
         if self.side < self.grid:
-            raise core.MaskConfigError('mask.noise.side', f'{self.side} is smaller than the {self.grid}x{self.grid} '
+            raise ConfigError('mask.noise.side', f'{self.side} is smaller than the {self.grid}x{self.grid} '
                                                           f'patch grid; use side >= {self.grid} (or 0 for auto)')
         if self.colour in ('red', 'blue') and not self.sigma > 0:
-            raise core.MaskConfigError('mask.noise.sigma', f'must be positive, got {self.sigma}')
+            raise ConfigError('mask.noise.sigma', f'must be positive, got {self.sigma}')
         if self.colour in ('green', 'purple') and not 0 < self.sigma1 < self.sigma2:
-            raise core.MaskConfigError('mask.noise.sigma1', f'green/purple need 0 < sigma1 < sigma2, got '
+            raise ConfigError('mask.noise.sigma1', f'green/purple need 0 < sigma1 < sigma2, got '
                                                             f'sigma1={self.sigma1}, sigma2={self.sigma2}')
 
     def make_bank(self, rng: jax.Array) -> jax.Array:
@@ -202,10 +203,7 @@ def default_side(grid: int) -> int:
 
 
 def _factory(name: str, grid: int, cfg: Any) -> ColourNoiseMasking:
-    noise = cfg.get('noise', None)
-    side = (noise.get('side', 0) if noise is not None else 0) or default_side(grid)
-    return core.from_config(ColourNoiseMasking, name, grid, cfg, 'noise', side=side)
+    return core.from_config(ColourNoiseMasking, name, grid, cfg, 'noise', side=cfg.noise.side or default_side(grid))
 
 
-for _c in COLOURS:
-    core.register(_c, _factory)
+STRATEGIES = dict.fromkeys(COLOURS, _factory)

@@ -11,6 +11,11 @@ three index arrays of static sizes:
 weight table, ...); it is passed into the jitted step as an argument so that it stays on
 the accelerator and is never baked into the program. Shapes are static, and all
 randomness comes from the ``rng`` key.
+
+A strategy that needs host-side state across steps (FAMT's per-example weights) returns a
+:class:`HostState` from :meth:`Strategy.host_state`; the training task keeps it, calls its
+hooks and checkpoints its items, knowing nothing else about it (docs/design.md, "Adding a
+masking strategy").
 """
 from __future__ import annotations
 
@@ -20,13 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-
-class MaskConfigError(ValueError):
-    """A ``config.mask`` value is wrong; ``key`` names it (turned into a ConfigError)."""
-
-    def __init__(self, key: str, msg: str):
-        super().__init__(msg)
-        self.key = key
+from colormae_jax.errors import ConfigError
 
 
 class Partition(NamedTuple):
@@ -77,6 +76,46 @@ def masked_map(part: Partition, num_patches: int) -> jax.Array:
     return m.at[rows, part.thrown].set(-1.0)
 
 
+# --------------------------------------------------------------------------- host state
+
+class RunContext(NamedTuple):
+    """What a strategy's host state may use of the run it belongs to."""
+    config: Any                # the run's config (read only)
+    mesh: jax.sharding.Mesh
+    model: Any                 # model.MAEConfig
+    graphdef: Any              # the MAE's nnx.GraphDef: nnx.merge(graphdef, params) is the model
+    steps_per_epoch: int
+    total_steps: int
+    active: tuple[tuple[int, int], ...]  # [start, end) 0-based steps in which the strategy masks
+
+
+class HostState:
+    """Host-side state of a strategy, with no-op hooks to override.
+
+    The training task calls :meth:`refresh` before every step, merges :meth:`batch_fields`
+    into each process-local batch of the steps the strategy masks, and saves :meth:`items`
+    with each checkpoint (restored through :meth:`abstract_items` and :meth:`load_items`).
+    """
+
+    def refresh(self, step: int, params: Any, writer: Any) -> None:
+        """Before 0-based ``step``, with the current params (e.g. recompute per-example weights)."""
+
+    def batch_fields(self, batch: dict) -> dict:
+        """Entries added to a process-local numpy batch (its ``index`` names the examples)."""
+        return {}
+
+    def items(self) -> dict:
+        """Checkpoint items ``{name: tree of arrays}``; names must not clash with other strategies'."""
+        return {}
+
+    def abstract_items(self) -> dict:
+        """Restore targets of :meth:`items`: a tree, or a function of the saved item's metadata."""
+        return {}
+
+    def load_items(self, restored: dict) -> None:
+        """Takes the restored trees of :meth:`abstract_items`."""
+
+
 # --------------------------------------------------------------------------- strategies
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +132,16 @@ class Strategy:
     def counts(self) -> Counts:
         return counts(self.grid * self.grid, self.mask_ratio, self.throw_ratio)
 
-    def check(self) -> None:
-        """Raises :class:`MaskConfigError` for settings that cannot work (before compiling)."""
+    def check(self, num_devices: int) -> None:
+        """Raises :class:`ConfigError` for settings that cannot work (before compiling)."""
 
     def init_aux(self, rng: jax.Array) -> Any:
         """Device-resident state; returned once, replicated on the mesh, passed to every step."""
         return ()
+
+    def host_state(self, run: RunContext) -> HostState | None:
+        """Host-side state kept across steps (one per strategy name and run), or None."""
+        return None
 
     def scores(self, rng: jax.Array, batch: dict, aux: Any) -> jax.Array:
         raise NotImplementedError
@@ -125,39 +168,30 @@ def from_config(cls: type, name: str, grid: int, mask_cfg, section: str | None =
     kw = {f.name: sub[f.name] for f in dataclasses.fields(cls)
           if sub is not None and f.name not in base and f.name in sub}
     kw.update(fixed)
-    return cls(name, grid, mask_cfg.ratio, mask_cfg.get('throw_ratio', 0.0), **kw)
+    return cls(name, grid, mask_cfg.ratio, mask_cfg.throw_ratio, **kw)
 
 
-# name -> factory(name, grid, mask_cfg) -> Strategy. Later strategies register here.
-_REGISTRY: dict[str, Callable[[str, int, Any], Strategy]] = {
-    'random': lambda name, grid, cfg: from_config(RandomMasking, name, grid, cfg),
-}
+STRATEGIES = {'random': lambda name, grid, cfg: from_config(RandomMasking, name, grid, cfg)}
 
 
-def register(name: str, factory: Callable[[str, int, Any], Strategy]) -> None:
-    _REGISTRY[name] = factory
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create(mask_cfg, grid: int, name: str | None = None) -> Strategy:
+def create(mask_cfg, grid: int, name: str | None = None,
+           factories: dict[str, Callable[[str, int, Any], Strategy]] | None = None) -> Strategy:
     """Build a strategy from ``config.mask``. ``name`` overrides ``mask_cfg.strategy``
-    (used by epoch schedules)."""
+    (used by epoch schedules); ``factories``: the strategies to choose from
+    (:func:`colormae_jax.masking.strategies`)."""
     name = name or mask_cfg.strategy
-    if name not in _REGISTRY:
-        raise MaskConfigError('mask.strategy', f'{name!r} is unknown; valid: {names()}')
-    return _REGISTRY[name](name, grid, mask_cfg)
+    if name not in factories:
+        raise ConfigError('mask.strategy', f'{name!r} is unknown; valid: {sorted(factories)}')
+    return factories[name](name, grid, mask_cfg)
 
 
-def parse_schedule(mask_cfg) -> list[tuple[float, str]]:
+def parse_schedule(mask_cfg, names: list[str]) -> list[tuple[float, str]]:
     """``config.mask.schedule`` -> [(start_epoch, strategy), ...], sorted, starting at 0.
 
     ``'green,blue@200'`` is green from epoch 0 and blue from epoch 200 (ColorMAE's epoch
     hook). An empty schedule is ``mask.strategy`` throughout.
     """
-    text = (mask_cfg.get('schedule', '') or '').strip()
+    text = mask_cfg.schedule.strip()
     if not text:
         return [(0.0, mask_cfg.strategy)]
     out = []
@@ -166,13 +200,13 @@ def parse_schedule(mask_cfg) -> list[tuple[float, str]]:
         try:
             start = float(epoch) if at else 0.0
         except ValueError:
-            raise MaskConfigError('mask.schedule', f'{item!r}: expected NAME or NAME@EPOCH, e.g. '
+            raise ConfigError('mask.schedule', f'{item!r}: expected NAME or NAME@EPOCH, e.g. '
                                                    f"'green,blue@200'") from None
-        if name not in _REGISTRY:
-            raise MaskConfigError('mask.schedule', f'{name!r} is unknown; valid: {names()}')
+        if name not in names:
+            raise ConfigError('mask.schedule', f'{name!r} is unknown; valid: {sorted(names)}')
         if (i == 0) != (start == 0):
-            raise MaskConfigError('mask.schedule', f'the first entry starts at epoch 0 and only the first; got {text!r}')
+            raise ConfigError('mask.schedule', f'the first entry starts at epoch 0 and only the first; got {text!r}')
         if out and start <= out[-1][0]:
-            raise MaskConfigError('mask.schedule', f'epochs must increase; got {text!r}')
+            raise ConfigError('mask.schedule', f'epochs must increase; got {text!r}')
         out.append((start, name))
     return out

@@ -9,7 +9,8 @@ Three parts:
   reading and the alternatives). ``freq_weight`` 0 is attention alone, 1 frequency alone.
 * :class:`WeightStore`: the per-example table of those maps over the patch grid, on the
   host of each process (only its own examples), indexed by the dataset index the pipeline
-  carries, looked up per batch and checkpointed with the train state.
+  carries; :class:`FAMTState` (the strategy's host state) refreshes it on schedule, looks it
+  up per batch and checkpoints it with the train state.
 * :class:`FAMTMasking`: in the jitted step, the map is resampled onto the training crop
   (box and flip from the pipeline), and a weighted order of the patches without
   replacement is drawn by Gumbel top-k. The first ``mask_ratio N`` drawn are masked, the
@@ -19,6 +20,7 @@ Three parts:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any
@@ -27,9 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from colormae_jax import parallel
+from colormae_jax import data, datasets, parallel
+from colormae_jax.errors import ConfigError
 from colormae_jax.masking import core
 
 WEIGHT_KEY = 'famt_weight'  # the batch entry the loop adds: [B, N] weights over the whole image
@@ -126,34 +131,38 @@ class FAMTMasking(core.Strategy):
     warmup_steps: int | None = None        # override the epoch values when set
     update_every_steps: int | None = None
 
-    uses_weight_store = True
-
     def _first_and_every(self, steps_per_epoch: int) -> tuple[int, int]:
         first = self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_epochs * steps_per_epoch))
         every = (self.update_every_steps if self.update_every_steps is not None
                  else int(round(self.update_every_epochs * steps_per_epoch)))
         return first, every
 
-    def check(self) -> None:
+    def check(self, num_devices: int) -> None:
+        bs = self.update_batch_size  # 0: the training batch size
+        if bs and not (isinstance(bs, int) and bs > 0):
+            raise ConfigError('mask.famt.update_batch_size', f'must be a positive int, got {bs!r}')
+        if bs and bs % num_devices:
+            raise ConfigError('mask.famt.update_batch_size', f'{bs} is not divisible by the {num_devices} devices; '
+                                                             f'use a multiple of {num_devices}')
         if not 0 <= self.freq_weight <= 1:
-            raise core.MaskConfigError('mask.famt.freq_weight', f'must be in [0, 1] (0: attention only, 1: frequency '
+            raise ConfigError('mask.famt.freq_weight', f'must be in [0, 1] (0: attention only, 1: frequency '
                                                                 f'only), got {self.freq_weight}')
         if not self.freq_sigma > 0:
-            raise core.MaskConfigError('mask.famt.freq_sigma', f'must be positive, got {self.freq_sigma}')
+            raise ConfigError('mask.famt.freq_sigma', f'must be positive, got {self.freq_sigma}')
         if not 0 < self.min_weight < 1:
-            raise core.MaskConfigError('mask.famt.min_weight', f'must be in (0, 1), got {self.min_weight}')
+            raise ConfigError('mask.famt.min_weight', f'must be in (0, 1), got {self.min_weight}')
         if self.warmup_epochs < 0:
-            raise core.MaskConfigError('mask.famt.warmup_epochs', f'must be >= 0, got {self.warmup_epochs}')
+            raise ConfigError('mask.famt.warmup_epochs', f'must be >= 0, got {self.warmup_epochs}')
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise core.MaskConfigError('mask.famt.warmup_steps', f'must be >= 0 (or unset), got {self.warmup_steps}')
+            raise ConfigError('mask.famt.warmup_steps', f'must be >= 0 (or unset), got {self.warmup_steps}')
         if self.update_every_steps is not None and self.update_every_steps < 1:
-            raise core.MaskConfigError('mask.famt.update_every_steps',
+            raise ConfigError('mask.famt.update_every_steps',
                                        f'must be >= 1 (or unset), got {self.update_every_steps}')
         if not self.update_every_epochs > 0:
-            raise core.MaskConfigError('mask.famt.update_every_epochs',
+            raise ConfigError('mask.famt.update_every_epochs',
                                        f'must be positive, got {self.update_every_epochs}')
         if self.mask_ratio + self.throw_ratio >= 1:
-            raise core.MaskConfigError('mask.throw_ratio', f'mask.ratio + mask.throw_ratio must be < 1, got '
+            raise ConfigError('mask.throw_ratio', f'mask.ratio + mask.throw_ratio must be < 1, got '
                                                            f'{self.mask_ratio} + {self.throw_ratio}')
 
     def update_steps(self, steps_per_epoch: int, total_steps: int) -> list[int]:
@@ -164,10 +173,10 @@ class FAMTMasking(core.Strategy):
     def check_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
         first, every = self._first_and_every(steps_per_epoch)
         if every < 1:
-            raise core.MaskConfigError('mask.famt.update_every_epochs',
+            raise ConfigError('mask.famt.update_every_epochs',
                                        f'the update interval is {every} steps; it must be at least 1')
         if first >= total_steps:
-            raise core.MaskConfigError(
+            raise ConfigError(
                 'mask.famt.warmup_epochs', f'the first weight update would come at step {first}, after training ends '
                 f'(step {total_steps}); lower mask.famt.warmup_epochs (or mask.famt.warmup_steps)')
 
@@ -191,11 +200,15 @@ class FAMTMasking(core.Strategy):
         return -gumbel_keys(rng, w, self.min_weight)
 
 
+    def host_state(self, run: core.RunContext) -> FAMTState:
+        return FAMTState(self, run)
+
+
 def _factory(name: str, grid: int, cfg: Any) -> FAMTMasking:
     return core.from_config(FAMTMasking, name, grid, cfg, 'famt')
 
 
-core.register('famt', _factory)
+STRATEGIES = {'famt': _factory}
 
 
 # ----------------------------------------------------------------------------- the store
@@ -304,10 +317,67 @@ def update_pass(store: WeightStore, weights_fn, batches, mesh, *, show_progress:
     """Recomputes every row of ``store``. ``batches``: this process's examples, whole images,
     padded (``data.make_eval_iterator(view='resize')``); ``weights_fn``: jitted, global images
     -> global [B, N] maps. Returns the seconds taken."""
-    from tqdm import tqdm
     t0 = time.perf_counter()
     sharding = parallel.batch_sharding(mesh)
     for batch in tqdm(batches, total=total, desc='FAMT weight update', unit='batch', disable=not show_progress):
         images = jax.make_array_from_process_local_data(sharding, batch['image'])
         store.write(batch['index'], parallel.local_rows(weights_fn(images), mesh), batch['valid'])
     return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- the host state
+
+class FAMTState(core.HostState):
+    """The weight store of a run, refreshed by a jitted pass over the training split on
+    schedule (only the updates whose weights some FAMT step uses) and checkpointed as ``famt``."""
+
+    def __init__(self, f: FAMTMasking, run: core.RunContext):
+        self.f, self.run = f, run
+        f.check_schedule(run.steps_per_epoch, run.total_steps)
+        self.update_steps = self._useful(f.update_steps(run.steps_per_epoch, run.total_steps))
+        self.store = WeightStore(datasets.num_examples(run.config.data), run.model.grid, jax.process_index(),
+                                 jax.process_count(), pad_to=len(run.mesh.local_devices))
+        self._weights_fn = None
+
+    def _useful(self, updates: list[int]) -> set[int]:
+        """An update before step u serves the steps up to the next update; it is skipped where
+        no FAMT phase overlaps them (e.g. every update after ``'famt,green@100'`` switches)."""
+        nexts = updates[1:] + [self.run.total_steps]
+        return {u for u, n in zip(updates, nexts) if any(a < n and u < b for a, b in self.run.active)}
+
+    def batch_fields(self, batch: dict) -> dict:
+        return {WEIGHT_KEY: self.store.lookup(batch['index'])}
+
+    def items(self) -> dict:
+        return {'famt': self.store.to_global(self.run.mesh)}
+
+    def abstract_items(self) -> dict:
+        return {'famt': self.store.abstract(self.run.mesh)}
+
+    def load_items(self, restored: dict) -> None:
+        self.store.load(restored['famt'], self.run.mesh)
+
+    def refresh(self, step: int, params: Any, writer: Any) -> None:
+        """Before 0-based ``step``: recompute the weights if the schedule says so."""
+        if step not in self.update_steps or int(self.store.updated_at) == step:
+            return
+        run, f = self.run, self.f
+        if self._weights_fn is None:
+            def weights(p, images):
+                encoder = nnx.merge(run.graphdef, p).encoder
+                x = data.model_input(images, run.config.data)
+                return weight_maps(encoder, x.astype(run.model.dtype), patch=run.model.patch,
+                                   freq_weight=f.freq_weight, freq_sigma=f.freq_sigma)
+            self._weights_fn = jax.jit(weights, out_shardings=parallel.batch_sharding(run.mesh))
+        bs = f.update_batch_size or run.config.batch_size
+        n_local = math.ceil(self.store.num_examples / jax.process_count())
+        batches = data.make_eval_iterator(run.config.data, split=run.config.data.split, global_batch_size=bs,
+                                          process_index=jax.process_index(), process_count=jax.process_count(),
+                                          view='resize')
+        secs = update_pass(self.store, functools.partial(self._weights_fn, params), batches, run.mesh,
+                           show_progress=jax.process_index() == 0,
+                           total=math.ceil(n_local / (bs // jax.process_count())))
+        self.store.updated_at = np.asarray(step, np.int64)
+        logging.info('FAMT weights of %d examples updated before step %d (epoch %.1f) in %.1f s.',
+                     self.store.num_examples, step + 1, step / run.steps_per_epoch, secs)
+        writer.write_scalars(step, {'famt/update_seconds': secs})

@@ -7,9 +7,9 @@
   python -m colormae_jax.tools.convert export /tmp/mae_b16 /tmp/mae_b16.pth --layout mae --with_decoder
 
 Python: :func:`import_torch` (a ``.pth`` or a state dict -> our params and an :class:`ImportReport`),
-:func:`export_torch` (our params -> a state dict / ``.pth``), :func:`save_params` / :func:`load_params`
-(the orbax directory ``import`` writes) and :func:`load_training_params` (the params of a checkpoint
-written by ``colormae_jax.main``). The key maps, what was verified and what was assumed are in
+:func:`export_torch` (our params -> a state dict / ``.pth``). Our side is read and written by
+:mod:`colormae_jax.checkpoint` (``save_params`` / ``load_params``: the orbax directory ``import``
+writes; ``load_training_params``: a checkpoint of ``colormae_jax.main``). The key maps, what was verified and what was assumed are in
 ``docs/interop.md``.
 
 Every name is mapped through the official MAE key (``models_mae.MaskedAutoencoderViT``): each of our
@@ -36,16 +36,15 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import traverse_util
 
-from colormae_jax import model as model_lib
+from colormae_jax import checkpoint, model as model_lib
 
 LAYOUTS = ('mae', 'mmpretrain', 'timm')
 # How each layout's files wrap the state dict (torch.save of {wrapper: state_dict}); timm: bare.
 WRAPPERS = {'mae': 'model', 'mmpretrain': 'state_dict', 'timm': None}
 TORCH_HINT = 'PyTorch is needed to read and write .pth files: pip install -e ".[torch]"'
 POS_ATOL = 1e-5  # float32 tables computed in another order agree to ~1e-6
-PARAMS_ITEM, CONFIG_FILE = 'params', 'mae_config.json'
 
 Params = dict  # a pure dict as nnx.to_pure_dict(nnx.split(MAE)[1]) gives
 Path = tuple  # a parameter's path in Params, e.g. ('encoder', 'blocks', 0, 'attn', 'qkv', 'kernel')
@@ -333,22 +332,9 @@ def infer_config(state_dict: Mapping[str, Any], layout: str | None = None,
         raise ConversionError(f'{e}; valid fields: {fields}') from None
 
 
-def _abstract_params(c: model_lib.MAEConfig) -> Params:
-    return nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: model_lib.MAE(c, rngs=nnx.Rngs(0))))[1])
-
-
-def _init_params(c: model_lib.MAEConfig, seed: int) -> Params:
-    return nnx.to_pure_dict(nnx.split(model_lib.MAE(c, rngs=nnx.Rngs(seed)))[1])
-
-
 def _flat(params: Params) -> dict[Path, Any]:
-    """{('encoder', 'blocks', 0, ...): leaf}, in the tree's leaf order."""
-    return {tuple(getattr(k, 'key', k) for k in p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-
-
-def _unflat(like: Params, flat: Mapping[Path, Any]) -> Params:
-    """The tree ``like`` with its leaves taken from ``flat`` (as :func:`_flat` names them)."""
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[p] for p in _flat(like)])
+    """{('encoder', 'blocks', 0, ...): leaf}."""
+    return traverse_util.flatten_dict(params)
 
 
 # ------------------------------------------------------------------------------ import
@@ -402,8 +388,7 @@ def import_torch(source: str | Mapping[str, Any], mae_config: model_lib.MAEConfi
         if found and found != depth:
             raise ConversionError(f'the checkpoint has {found} {name} blocks, the config {depth}: use the config '
                                   f'(variant / decoder depth) the checkpoint was trained with.')
-    like = _abstract_params(c)
-    abstract = _flat(like)
+    abstract = _flat(model_lib.abstract_mae(c)[1])
     flat: dict[Path, Any] = {}
     used: set[str] = set()
     for e in official_keys(c):
@@ -430,11 +415,11 @@ def import_torch(source: str | Mapping[str, Any], mae_config: model_lib.MAEConfi
                               f'{sorted(sd)[:6]}.')
     unfilled = [p for p in abstract if p not in flat]
     if unfilled:
-        init = _flat(_init_params(c, seed))
+        init = _flat(model_lib.init_mae_params(c, seed))
         flat.update({p: init[p] for p in unfilled})
     report = ImportReport(where, layout, c, [path_str(p) for p in abstract if p not in unfilled],
                           [path_str(p) for p in unfilled], sorted(set(sd) - used), notes)
-    return _unflat(like, flat), report
+    return traverse_util.unflatten_dict({p: flat[p] for p in abstract}), report
 
 
 # ------------------------------------------------------------------------------ export
@@ -458,7 +443,7 @@ def export_torch(params: Params, mae_config: model_lib.MAEConfig, path: str | No
                               "(or mmpretrain), or leave out --with_decoder.")
     c = mae_config
     have = {tuple(str(p) for p in path): np.asarray(x) for path, x in _flat(params).items()}
-    abstract = _flat(_abstract_params(c))
+    abstract = _flat(model_lib.abstract_mae(c)[1])
     sd: dict[str, Any] = {}
 
     def put(key: str, x: np.ndarray) -> None:
@@ -481,98 +466,6 @@ def export_torch(params: Params, mae_config: model_lib.MAEConfig, path: str | No
         wrapper = WRAPPERS[layout]
         torch.save({wrapper: sd} if wrapper else sd, path)
     return sd
-
-
-# ------------------------------------------------------------------------------ our side: orbax
-
-def _config_to_json(c: model_lib.MAEConfig) -> dict:
-    d = dataclasses.asdict(c)
-    d['dtype'] = jnp.dtype(c.dtype).name
-    return d
-
-
-def _new_dir(path: str) -> str:
-    """The absolute path, if nothing exists there yet."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        raise ConversionError(f'{path} exists; choose a new directory (it is never overwritten).')
-    return path
-
-
-def save_params(path: str, params: Params, mae_config: model_lib.MAEConfig) -> str:
-    """Writes ``path/params`` (orbax StandardCheckpointer, the pure dict) and ``path/mae_config.json``."""
-    import orbax.checkpoint as ocp
-    path = _new_dir(path)
-    os.makedirs(path)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_ITEM), params)
-    with open(os.path.join(path, CONFIG_FILE), 'w') as f:
-        json.dump(_config_to_json(mae_config), f, indent=1)
-    return path
-
-
-def _single_device(abstract: Params) -> Params:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-
-
-def load_params(path: str) -> tuple[Params, model_lib.MAEConfig]:
-    """Reads what :func:`save_params` (and ``convert import``) wrote: (params, MAEConfig)."""
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
-    cfg_file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg_file):
-        raise ConversionError(f'{path} has no {CONFIG_FILE}: it was not written by convert import / save_params.')
-    with open(cfg_file) as f:
-        d = json.load(f)
-    c = model_lib.MAEConfig(**dict(d, dtype=jnp.dtype(d['dtype'])))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(path, PARAMS_ITEM), _single_device(_abstract_params(c)))
-    return params, c
-
-
-def load_training_params(directory: str, step: int | None = None) -> tuple[Params, model_lib.MAEConfig, int]:
-    """The params of a checkpoint written by ``colormae_jax.main`` -> (params, MAEConfig, step).
-
-    ``directory``: the run's ``--workdir`` or its ``checkpoints`` folder; ``step``: None for the newest.
-    The model comes from the run's saved config; only the params are read (not the optimizer state).
-    """
-    import ml_collections
-    import orbax.checkpoint as ocp
-    directory = os.path.abspath(directory)
-    if os.path.isdir(os.path.join(directory, 'checkpoints')):
-        directory = os.path.join(directory, 'checkpoints')
-    if not os.path.isdir(directory):
-        raise ConversionError(f'{directory}: no such directory')
-    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                item_handlers={'config': ocp.JsonCheckpointHandler()})
-    try:
-        steps = list(mgr.all_steps())
-        if not steps:
-            raise ConversionError(f'{directory} holds no checkpoint (no step folders).')
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise ConversionError(f'{directory} has no step {step}; it has {sorted(steps)}.')
-        cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-    finally:
-        mgr.close()
-    c = model_lib.mae_config(ml_collections.ConfigDict(cfg['model']), cfg['data']['image_size'])
-    abstract = _single_device(_abstract_params(c))
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract)
-    state = ocp.PyTreeCheckpointer().restore(
-        os.path.join(directory, str(step), 'state'),
-        args=ocp.args.PyTreeRestore(item={'params': abstract}, restore_args={'params': restore_args},
-                                    partial_restore=True))
-    return state['params'], c, step
-
-
-def load_any_params(source: str, step: int | None = None) -> tuple[Params, model_lib.MAEConfig, str]:
-    """Params from an ``import`` output directory or a training run -> (params, MAEConfig, description)."""
-    if os.path.isfile(os.path.join(source, CONFIG_FILE)):
-        params, c = load_params(source)
-        return params, c, f'imported params {os.path.abspath(source)}'
-    params, c, step = load_training_params(source, step)
-    return params, c, f'training checkpoint {os.path.abspath(source)} step {step}'
 
 
 # ------------------------------------------------------------------------------ command line
@@ -607,7 +500,8 @@ def _given_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_import(args: argparse.Namespace) -> None:
-    _new_dir(args.dst)  # refuse before reading a large file
+    if os.path.exists(args.dst):  # refuse before reading a large file
+        raise ConversionError(f'{os.path.abspath(args.dst)} exists; choose a new directory (it is never overwritten).')
     sd, where = read_state_dict(args.src)
     layout = args.layout or detect_layout(sd)
     notes = [f'layout {"given" if args.layout else "detected from the key names"}']
@@ -625,11 +519,12 @@ def _cmd_import(args: argparse.Namespace) -> None:
     params, report = import_torch(sd, c, layout=layout, seed=args.seed)
     report = dataclasses.replace(report, source=where, notes=notes + report.notes)
     print(report)
-    print(f'Wrote {save_params(args.dst, params, c)} ({PARAMS_ITEM}/: orbax pure-dict params, {CONFIG_FILE}).')
+    print(f'Wrote {checkpoint.save_params(args.dst, params, c)} ({checkpoint.PARAMS_ITEM}/: orbax pure-dict params, '
+          f'{checkpoint.CONFIG_FILE}).')
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    params, c, what = load_any_params(args.src, args.step)
+    params, c, what = checkpoint.load_any_params(args.src, args.step)
     sd = export_torch(params, c, args.dst, layout=args.layout, with_decoder=args.with_decoder)
     wrapper = WRAPPERS[args.layout]
     print(f'Read {what}.\nWrote {os.path.abspath(args.dst)}: {len(sd)} tensors, {args.layout} layout'
@@ -669,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         (_cmd_import if args.command == 'import' else _cmd_export)(args)
-    except ConversionError as e:
+    except (ConversionError, checkpoint.CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

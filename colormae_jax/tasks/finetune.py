@@ -1,6 +1,6 @@
 """Fine-tuning, MAE's recipe (``main_finetune.py``), as a task of the shared training loop.
 
-The pre-trained encoder goes into a :class:`model.Classifier` (mean-pooled tokens, then
+The pre-trained encoder goes into a :class:`classifier.Classifier` (mean-pooled tokens, then
 ``fc_norm`` and the head), trained end to end with AdamW and layer-wise lr decay
 (:func:`optim.make_finetune_optimizer`), drop path, RandAugment on the host
 (:class:`augment.RandAugmentCropFlip`), and on the device mixup / cutmix with label
@@ -12,26 +12,35 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from colormae_jax import augment, config_lib, data, model as model_lib, optim, train
-from colormae_jax.evaluate import ClassifierTask
+from colormae_jax import augment, classifier, config_lib, data, optim
+from colormae_jax import model as model_lib
+from colormae_jax.errors import ConfigError
+from colormae_jax.tasks import evaluation
+
+validate = evaluation.validate
 
 
-def run(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, stop_after=None, deadline=None) -> dict:
+def train_and_evaluate(config, workdir: str, **kw) -> dict:
+    return evaluation.run_evaluation(config, workdir, finetune, **kw)
+
+
+def finetune(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, stop_after=None,
+             deadline=None) -> dict:
     f = config.finetune
     bs = config.batch_size
-    graphdef, init_params, stats = model_lib.split_classifier(
-        model_lib.Classifier(c, config.num_classes, pool=f.pool, head='finetune', drop_path_rate=f.drop_path,
-                             learn_pos_embed=f.get('learn_pos_embed', True), rngs=nnx.Rngs(config.seed)))
+    graphdef, init_params, stats = classifier.split_classifier(
+        classifier.Classifier(c, config.num_classes, pool=f.pool, head='finetune', drop_path_rate=f.drop_path,
+                             learn_pos_embed=f.learn_pos_embed, rngs=nnx.Rngs(config.seed)))
     try:
-        init_params = model_lib.load_encoder(init_params, params['encoder'])
+        init_params = classifier.load_encoder(init_params, params['encoder'])
     except ValueError as e:
-        raise config_lib.ConfigError('init_from', str(e)) from None
+        raise ConfigError('init_from', str(e)) from None
     spe = data.steps_per_epoch(config.data, bs)
     if spe < 1:
-        raise config_lib.ConfigError('batch_size', f'{bs} is larger than the training split')
+        raise ConfigError('batch_size', f'{bs} is larger than the training split')
     total = config_lib.resolve_steps(config, 'total', spe)
     warmup = config_lib.resolve_steps(config, 'warmup', spe)
-    schedule = train.make_schedule(config, total, warmup)
+    schedule = optim.make_schedule(config, total, warmup)
     tx = optim.make_finetune_optimizer(schedule, init_params, depth=c.depth, layer_decay=f.layer_decay,
                                        weight_decay=config.wd, b1=config.b1, b2=config.b2)
     transform = augment.RandAugmentCropFlip(config.data.image_size, f.randaug_ops, f.randaug_magnitude,
@@ -54,14 +63,14 @@ def run(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, stop_a
 
     def forward(p, s, aux, batch, rng, train_mode):
         x = data.model_input(batch['image'], config.data)  # eval batches come as centre crops
-        return model_lib.classifier_apply(graphdef, p, s, x, train=train_mode, drop_key=rng)
+        return classifier.classifier_apply(graphdef, p, s, x, train=train_mode, drop_key=rng)
 
     def eval_batches():
         return data.make_eval_iterator(config.data, split=config.data.eval_split, global_batch_size=bs,
                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                       limit=f.get('max_test', 0))
+                                       limit=f.max_test)
 
-    task = ClassifierTask(config, mesh, name=f'fine-tuning ({c.width}x{c.depth}, layer decay {f.layer_decay})',
+    task = evaluation.ClassifierTask(config, mesh, name=f'fine-tuning ({c.width}x{c.depth}, layer decay {f.layer_decay})',
                           forward=forward, init_vars=lambda: (init_params, stats), tx=tx, schedule=schedule, aux=(),
                           total_steps=total, steps_per_epoch=spe, eval_batches=eval_batches,
                           eval_every=max(1, int(round(config.eval_every_epochs * spe))),
