@@ -42,9 +42,9 @@ from colormae_jax import data
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
     """Integer labels [B] -> float32 targets [B, K]: ``1 - smoothing + smoothing / K`` on the
-    label, ``smoothing / K`` elsewhere (timm's ``mixup_target``)."""
-    off = smoothing / num_classes
-    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
+    label, ``smoothing / K`` elsewhere (timm's ``mixup_target``; ``optax.smooth_labels`` of
+    the one-hot labels)."""
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), smoothing)
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -73,13 +73,6 @@ def _normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
-def _beta(key: jax.Array, alpha: jax.Array) -> jax.Array:
-    """One Beta(alpha, alpha) sample, ``alpha`` a traced scalar (as ``jax.random.beta``: from
-    two log-gamma draws, stable for small alphas)."""
-    lg = jax.random.loggamma(key, jnp.full((2,), alpha, jnp.float32))
-    return jnp.exp(lg[0] - jnp.logaddexp(lg[0], lg[1]))
-
-
 @functools.partial(jax.jit, static_argnames=('mixup_alpha', 'cutmix_alpha', 'switch_prob', 'prob',
                                              'label_smoothing', 'num_classes'))
 def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, mixup_alpha: float = 0.8,
@@ -104,8 +97,7 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, mixup_
             raise ValueError('integer labels need num_classes')
         targets = smooth_labels(labels, num_classes, label_smoothing)
     else:
-        k = labels.shape[-1]
-        targets = labels.astype(jnp.float32) * (1.0 - label_smoothing) + label_smoothing / k
+        targets = optax.smooth_labels(labels.astype(jnp.float32), label_smoothing)
     if (mixup_alpha <= 0.0 and cutmix_alpha <= 0.0) or prob <= 0.0:
         return images, targets
     k_u, k_beta, k_box = jax.random.split(rng, 3)
@@ -115,7 +107,8 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, mixup_
         use_cutmix = u[1] < switch_prob
     else:
         use_cutmix = jnp.asarray(cutmix_alpha > 0.0)
-    lam = _beta(k_beta, jnp.where(use_cutmix, cutmix_alpha, mixup_alpha))
+    alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
+    lam = jax.random.beta(k_beta, alpha, alpha)
     lam = jnp.where(apply, lam, 1.0)
     use_cutmix = apply & use_cutmix
 

@@ -1,12 +1,12 @@
-"""ViT encoder and MAE decoder (Flax NNX).
+"""The MAE model (Flax NNX): ViT encoder, MAE decoder, their layers and the MAE loss.
 
 The MAE forward pass never scatters or unshuffles: the masking partition gives three
 index arrays (visible, thrown, masked), the encoder runs on the visible patches only,
 and the decoder runs on ``[cls, visible..., mask tokens at masked positions...]`` with
 position embeddings gathered by index. Thrown patches are never computed anywhere.
 
-For evaluation, :class:`Classifier` puts MAE's fine-tuning or linear-probe head on the same
-encoder (with optional drop path), run functionally by :func:`classifier_apply`.
+:func:`abstract_mae` and :func:`init_mae_params` build the parameters as a pure dict. The
+classification heads on the encoder are in :mod:`colormae_jax.classifier`.
 """
 from __future__ import annotations
 
@@ -170,21 +170,6 @@ class Mlp(nnx.Module):
         return dense_tokens(self.fc2, gelu(dense_tokens(self.fc1, x)))
 
 
-def drop_path(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
-    """Stochastic depth on a residual branch ``x`` [B, ...] (timm's ``DropPath``): each sample's
-    branch is zeroed with probability ``rate`` and otherwise scaled by ``1 / (1 - rate)``, so
-    the expectation is ``x``. ``rate`` 1 drops every branch."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f'drop path rate {rate} is not in [0, 1]')
-    if rate == 0.0:
-        return x
-    if rate == 1.0:
-        return jnp.zeros_like(x)
-    keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],)).reshape((-1,) + (1,) * (x.ndim - 1))
-    return x * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
-
-
 def drop_path_rates(max_rate: float, depth: int) -> list[float]:
     """Per-block drop path rates rising linearly from 0 to ``max_rate`` (timm / MAE:
     ``torch.linspace(0, drop_path_rate, depth)``)."""
@@ -194,11 +179,14 @@ def drop_path_rates(max_rate: float, depth: int) -> list[float]:
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block (timm / MAE layout).
+    """Pre-norm transformer block (timm / MAE layout) on tokens [B, N, D].
 
-    ``drop_path_rate`` (static) is the stochastic-depth rate of both residual branches; it
-    acts only when ``__call__`` gets a ``drop_key`` (branch k uses ``fold_in(drop_key, k)``).
-    Without a key the block is deterministic and computes exactly what it always did.
+    ``drop_path_rate`` (static) is the stochastic-depth rate of both residual branches
+    (timm's ``DropPath``: each sample's branch is zeroed with probability ``rate`` and
+    otherwise scaled by ``1 / (1 - rate)``). That is ``nnx.Dropout`` with one draw per
+    sample (``broadcast_dims`` over the tokens and features); it acts only when
+    ``__call__`` gets a ``drop_key`` (branch k uses ``fold_in(drop_key, k)``). Without a
+    key the block is deterministic and computes exactly what it always did.
     """
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, *, attn_impl, dtype, rngs: nnx.Rngs,
@@ -209,15 +197,20 @@ class Block(nnx.Module):
         self.attn = Attention(dim, heads, attn_impl=attn_impl, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(dim, mlp_dim, dtype=dtype, rngs=rngs)
-        self.drop_path_rate = float(drop_path_rate)
+        self.drop_path = nnx.Dropout(float(drop_path_rate), broadcast_dims=(1, 2))
+
+    @property
+    def drop_path_rate(self) -> float:
+        return self.drop_path.rate
 
     def __call__(self, x, *, drop_key: jax.Array | None = None):
-        if drop_key is None or self.drop_path_rate == 0.0:
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-        rate = self.drop_path_rate
-        x = x + drop_path(jax.random.fold_in(drop_key, 0), self.attn(self.norm1(x)), rate)
-        return x + drop_path(jax.random.fold_in(drop_key, 1), self.mlp(self.norm2(x)), rate)
+        def branch(k: int, y: jax.Array) -> jax.Array:
+            if drop_key is None:
+                return y
+            return self.drop_path(y, deterministic=False, rngs=jax.random.fold_in(drop_key, k))
+
+        x = x + branch(0, self.attn(self.norm1(x)))
+        return x + branch(1, self.mlp(self.norm2(x)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +366,19 @@ class MAE(nnx.Module):
         return mae_loss(pred, target, self.c.norm_pix_loss), pred
 
 
+def abstract_mae(c: MAEConfig) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, abstract params) of ``MAE(c)``: the params as a pure dict of
+    ``jax.ShapeDtypeStruct`` (nothing is initialised or allocated)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MAE(c, rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def init_mae_params(c: MAEConfig, seed: int) -> dict:
+    """The initial params of ``MAE(c)`` from ``seed``, as a pure dict (the structure of
+    :func:`abstract_mae`'s)."""
+    return nnx.to_pure_dict(nnx.split(MAE(c, rngs=nnx.Rngs(seed)))[1])
+
+
 def normalize_patches(target: jax.Array, eps: float = 1e-6) -> jax.Array:
     mean = target.mean(-1, keepdims=True)
     var = target.var(-1, keepdims=True, ddof=1)  # MAE uses torch's unbiased .var()
@@ -386,160 +392,7 @@ def mae_loss(pred: jax.Array, target: jax.Array, norm_pix: bool) -> jax.Array:
     return jnp.mean(jnp.square(pred - target))
 
 
-# ------------------------------------------------------------------------------ classification
-
-CLASSIFIER_HEADS = ('finetune', 'linear_probe')
-CLASSIFIER_POOLS = ('mean', 'cls')
-
-
-def _timm_trunc_normal(std: float) -> nnx.Initializer:
-    """timm's ``trunc_normal_(w, std=std)``: its bounds (-2, 2) are absolute, not in units of
-    ``std``, so at the small stds used for heads it is a plain normal(0, std)."""
-    return nnx.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
-
-
 def pooled_features(tokens: jax.Array) -> dict[str, jax.Array]:
     """Encoder output [B, 1+N, D] (after its final norm) -> float32 {'cls': [B, D], 'mean': [B, D]}
     (the [CLS] token, and the mean over the patch tokens)."""
     return {'cls': tokens[:, 0].astype(jnp.float32), 'mean': tokens[:, 1:].astype(jnp.float32).mean(1)}
-
-
-def _linear_probe_layers(dim: int, num_classes: int, rngs: nnx.Rngs) -> tuple[nnx.BatchNorm, nnx.Linear]:
-    """MAE's linear-probe head (``main_linprobe.py``): BatchNorm without affine (eps 1e-6),
-    then a linear layer (trunc-normal std 0.01, bias 0)."""
-    bn = nnx.BatchNorm(dim, use_running_average=True, use_bias=False, use_scale=False, epsilon=1e-6, momentum=0.9,
-                       rngs=rngs)
-    head = nnx.Linear(dim, num_classes, kernel_init=_timm_trunc_normal(0.01),
-                      bias_init=nnx.initializers.zeros_init(), rngs=rngs)
-    return bn, head
-
-
-class LinearProbeHead(nnx.Module):
-    """The linear-probe head of :class:`Classifier` without the encoder, on features [B, D]
-    (the fast linear probe); its params and stats have the Classifier's names (``head``, ``bn``)."""
-
-    def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.bn, self.head = _linear_probe_layers(dim, num_classes, rngs)
-
-    def __call__(self, feats: jax.Array, *, train: bool = False) -> jax.Array:
-        return self.head(self.bn(feats, use_running_average=not train)).astype(jnp.float32)
-
-
-class Classifier(nnx.Module):
-    """A ViT encoder with a classification head, as MAE's fine-tuning and linear probe.
-
-    ``self.encoder`` is a :class:`ViTEncoder` with the parameter names and shapes of
-    ``MAE.encoder``, so ``params['encoder']`` of a pre-training checkpoint drops in (see
-    :func:`load_encoder`). The head, by ``head`` and ``pool``:
-
-    * ``'finetune'`` (MAE ``models_vit.py``): ``pool='mean'`` (MAE's ``global_pool``) averages
-      the patch tokens *before* the encoder's final norm and applies ``fc_norm`` (LayerNorm, eps
-      1e-6); ``encoder.norm`` is then unused (MAE deletes it; here it stays, so that the
-      encoder keeps the pre-training structure, and gets zero gradients). ``pool='cls'``:
-      the [CLS] token after ``encoder.norm``. Then ``head``: Linear, weights ~ N(0, 2e-5),
-      bias 0. ``drop_path_rate``: stochastic depth, rising linearly over the blocks.
-    * ``'linear_probe'`` (MAE ``main_linprobe.py``): features from the frozen encoder (a
-      ``stop_gradient``: no gradient reaches the encoder), i.e. the [CLS] token after the
-      final norm (``pool='cls'``, MAE's default) or the mean of the normed patch tokens
-      (``pool='mean'``, the same features as :meth:`features`; MAE's ``--global_pool`` probe
-      would instead take an untrained LayerNorm of the mean of the pre-norm tokens), then
-      ``bn`` = BatchNorm without scale or bias (eps 1e-6; flax momentum 0.9 = torch's 0.1)
-      and ``head``: Linear, weights ~ N(0, 0.01), bias 0, both in float32. Only
-      ``params['head']`` is to be trained (``optim.freeze_encoder`` masks the encoder out of
-      the optimizer).
-
-    BatchNorm in the functional (pure dict) style: the state is split in two pure dicts,
-    ``params`` (``nnx.Param``: what the optimizer sees) and ``stats`` (``nnx.BatchStat``:
-    the running ``mean`` / ``var`` under ``stats['bn']``; ``{}`` for the fine-tuning head).
-    :func:`classifier_apply` merges both, runs the model and returns the logits with the new
-    stats. With ``train=True`` the BatchNorm normalises with the statistics of the batch
-    (under ``jit`` with a sharded batch: of the global batch) and moves the running averages
-    towards them, and the train step must keep the returned stats; with ``train=False`` it
-    normalises with the running averages and the stats come back unchanged. (Running
-    variances are the biased batch variances, torch keeps the unbiased ones.)
-    """
-
-    def __init__(self, c: MAEConfig, num_classes: int, *, pool: str = 'mean', head: str = 'finetune',
-                 drop_path_rate: float = 0.0, learn_pos_embed: bool = False, rngs: nnx.Rngs):
-        if head not in CLASSIFIER_HEADS:
-            raise ValueError(f'head={head!r}; valid: {CLASSIFIER_HEADS}')
-        if pool not in CLASSIFIER_POOLS:
-            raise ValueError(f'pool={pool!r}; valid: {CLASSIFIER_POOLS}')
-        if head == 'linear_probe' and drop_path_rate:
-            raise ValueError('the linear probe runs a frozen encoder: drop_path_rate must be 0')
-        if head == 'linear_probe' and learn_pos_embed:
-            raise ValueError('the linear probe runs a frozen encoder: learn_pos_embed must be False')
-        if num_classes < 1:
-            raise ValueError(f'num_classes={num_classes} must be positive')
-        self.c, self.pool, self.head_type = c, pool, head
-        self.encoder = ViTEncoder(c, drop_path_rate=drop_path_rate, learn_pos_embed=learn_pos_embed, rngs=rngs)
-        zeros = nnx.initializers.zeros_init()
-        if head == 'finetune':
-            if pool == 'mean':
-                self.fc_norm = nnx.LayerNorm(c.width, epsilon=1e-6, dtype=c.dtype, rngs=rngs)
-            self.head = nnx.Linear(c.width, num_classes, kernel_init=_timm_trunc_normal(2e-5), bias_init=zeros,
-                                   dtype=c.dtype, rngs=rngs)
-        else:
-            self.bn, self.head = _linear_probe_layers(c.width, num_classes, rngs)
-
-    def __call__(self, images: jax.Array, *, train: bool = False, drop_key: jax.Array | None = None) -> jax.Array:
-        """images [B, H, W, C] (normalised) -> float32 logits [B, num_classes].
-
-        ``train`` only selects the BatchNorm mode of the linear probe (batch statistics, which
-        it then records in its running averages); drop path acts only when ``drop_key`` is
-        given (use :func:`classifier_apply`, which passes it in training only).
-        """
-        x = images.astype(self.c.dtype)
-        if self.head_type == 'finetune':
-            if self.pool == 'mean':
-                feats = self.fc_norm(self.encoder.tokens(x, drop_key=drop_key)[:, 1:].mean(1))
-            else:
-                feats = self.encoder(x, drop_key=drop_key)[:, 0]
-            return self.head(feats).astype(jnp.float32)
-        feats = jax.lax.stop_gradient(pooled_features(self.encoder(x, drop_key=drop_key))[self.pool])
-        return self.head(self.bn(feats, use_running_average=not train)).astype(jnp.float32)
-
-    def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Deterministic float32 features of the encoder (with its final norm), for kNN and
-        the fast linear probe: {'cls': [B, D], 'mean': [B, D]} (see :func:`pooled_features`)."""
-        return pooled_features(self.encoder(images.astype(self.c.dtype)))
-
-
-def split_classifier(model: Classifier) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, params, stats): ``params`` the ``nnx.Param`` pure dict (trained by the
-    optimizer), ``stats`` the ``nnx.BatchStat`` pure dict (``{}`` without BatchNorm). Works
-    on the abstract model of ``nnx.eval_shape(lambda: Classifier(...))`` too."""
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-
-
-def classifier_apply(graphdef: nnx.GraphDef, params: dict, stats: dict, images: jax.Array, *, train: bool,
-                     drop_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Pure forward pass of a :class:`Classifier`: ``(logits [B, K] float32, new stats)``.
-
-    ``train=True``: drop path with ``drop_key`` (if given) and BatchNorm on batch statistics;
-    return the new stats in the train state. ``train=False``: deterministic (``drop_key`` is
-    ignored), running statistics, ``stats`` returned unchanged. Differentiable in ``params``;
-    jit it (or the step around it) with ``graphdef`` and ``train`` static.
-    """
-    model = nnx.merge(graphdef, params, stats)
-    logits = model(images, train=train, drop_key=drop_key if train else None)
-    return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-
-
-def load_encoder(params: dict, encoder_params: dict) -> dict:
-    """``params`` (a :class:`Classifier`'s pure dict) with ``params['encoder']`` replaced by
-    ``encoder_params`` (e.g. ``params['encoder']`` of an MAE checkpoint), after checking that
-    both have the same structure, shapes and dtypes (arrays or ``jax.ShapeDtypeStruct`` s)."""
-    want, got = params['encoder'], encoder_params
-    if 'pos_embed' in want and 'pos_embed' not in got:  # pre-trained with the fixed table: start from it
-        got = {**got, 'pos_embed': want['pos_embed']}
-    s_want, s_got = jax.tree.structure(want), jax.tree.structure(got)
-    if s_want != s_got:
-        raise ValueError(f'the encoder parameters do not match the classifier: expected {s_want}, got {s_got}')
-    bad = [f'{jax.tree_util.keystr(path)}: expected {a.shape} {a.dtype}, got {b.shape} {b.dtype}'
-           for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got))
-           if (a.shape, a.dtype) != (b.shape, b.dtype)]
-    if bad:
-        raise ValueError('the encoder parameters do not match the classifier: ' + '; '.join(bad[:5]))
-    return {**params, 'encoder': got}

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colormae_jax import masking, model as M
+from colormae_jax import masking
+from colormae_jax import model as M
 
 
 def tiny(**kw):
@@ -145,3 +146,23 @@ def test_gelu_is_the_exact_gelu_with_its_derivative():
     assert abs(float(jax.grad(M.gelu)(0.0)) - 0.5) < 1e-7  # Phi(0)
     xb = x.astype(jnp.bfloat16)
     assert M.gelu(xb).dtype == jnp.bfloat16 and jax.grad(lambda v: M.gelu(v).sum())(xb).dtype == jnp.bfloat16
+
+
+def test_abstract_and_initial_params():
+    c = tiny()
+    graphdef, abstract = M.abstract_mae(c)
+    params = M.init_mae_params(c, seed=3)
+    assert sorted(params) == ['decoder', 'encoder']
+    assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(abstract))
+    assert jax.tree.structure(abstract) == jax.tree.structure(params)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype), params)
+    assert params['encoder']['cls_token'].shape == (1, 1, c.width)
+    # The seed is the model's: the same as MAE(c, rngs=nnx.Rngs(seed)), another seed differs.
+    want = nnx.to_pure_dict(nnx.state(M.MAE(c, rngs=nnx.Rngs(3)), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+    assert not np.array_equal(M.init_mae_params(c, seed=4)['encoder']['cls_token'], params['encoder']['cls_token'])
+    # The graphdef runs with the pure dict.
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.counts(16, 0.75))
+    loss, _ = nnx.merge(graphdef, params)(x, part)
+    np.testing.assert_array_equal(loss, M.MAE(c, rngs=nnx.Rngs(3))(x, part)[0])

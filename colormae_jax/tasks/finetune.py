@@ -29,7 +29,7 @@ def finetune(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, s
     f = config.finetune
     bs = config.batch_size
     graphdef, init_params, stats = classifier.split_classifier(
-        classifier.Classifier(c, config.num_classes, pool=f.pool, head='finetune', drop_path_rate=f.drop_path,
+        classifier.Classifier(c, config.num_classes, pool=f.pool, drop_path_rate=f.drop_path,
                              learn_pos_embed=f.learn_pos_embed, rngs=nnx.Rngs(config.seed)))
     try:
         init_params = classifier.load_encoder(init_params, params['encoder'])
