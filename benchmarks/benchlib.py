@@ -15,21 +15,23 @@ def time_step(config, *, steps: int, warmup: int, repeats: int, mesh=None) -> di
     """Times the jitted pre-training step of ``config`` on a synthetic uint8 batch (with crop
     boxes and, for FAMT, random weights, so every strategy runs its real path)."""
     import jax
-    from colormae_jax import masking, parallel, train
+    from colormae_jax import masking, parallel
+    from colormae_jax.masking import famt
+    from colormae_jax.tasks import pretrain
 
     mesh = mesh or parallel.make_mesh(config.mesh)
-    t = train.make_trainer(config, mesh, steps_per_epoch=1000)
+    t = pretrain.make_trainer(config, mesh, steps_per_epoch=1000)
     strategy = masking.create(config.mask, t.mae.grid)
     aux = jax.device_put(strategy.init_aux(jax.random.PRNGKey(1)), parallel.replicated(mesh))
-    step = train.compile_step(t, strategy, jax.tree.map(lambda _: parallel.replicated(mesh), aux))
-    state = train.init_state(t)
+    step = pretrain.compile_step(t, strategy, jax.tree.map(lambda _: parallel.replicated(mesh), aux))
+    state = pretrain.init_state(t)
     n, s, g = config.batch_size, config.data.image_size, t.mae.grid
     rng = np.random.default_rng(0)
     batch = {'image': rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8), 'index': np.arange(n, dtype=np.int32),
              'crop': np.tile(np.asarray([[0.1, 0.1, 0.8, 0.8]], np.float32), (n, 1)),
              'flip': rng.random(n) < 0.5}
-    if getattr(strategy, 'uses_weight_store', False):
-        batch[masking.famt.WEIGHT_KEY] = rng.random((n, g * g)).astype(np.float32)
+    if isinstance(strategy, famt.FAMTMasking):
+        batch[famt.WEIGHT_KEY] = rng.random((n, g * g)).astype(np.float32)
     batch = jax.device_put(batch, parallel.batch_sharding(mesh))
     t0 = time.perf_counter()
     for _ in range(warmup):

@@ -103,7 +103,7 @@ class OutOfTime(Exception):
 
 
 def run_study(out: str) -> dict:
-    from colormae_jax import train
+    from colormae_jax import main
     t_start = time.perf_counter()
     results = {}
     path = os.path.join(out, 'results.json')
@@ -130,7 +130,7 @@ def run_study(out: str) -> dict:
             if 'pretrain_s' not in r:
                 t0 = time.perf_counter()
                 left = remaining()
-                res = train.train_and_evaluate(pretrain_config(strategy, seed), os.path.join(wd, 'pretrain'),
+                res = main.run(pretrain_config(strategy, seed), os.path.join(wd, 'pretrain'),
                                                deadline=None if left is None else time.time() + left - 20)
                 if res['step'] < res['trainer'].total_steps:  # stopped by the time budget: resume next call
                     raise OutOfTime()
@@ -147,7 +147,7 @@ def run_study(out: str) -> dict:
                     continue
                 remaining()
                 left = remaining()
-                ev = train.train_and_evaluate(eval_config(task, os.path.join(wd, 'pretrain'), seed),
+                ev = main.run(eval_config(task, os.path.join(wd, 'pretrain'), seed),
                                               os.path.join(wd, task),
                                               deadline=None if left is None else time.time() + left - 20)
                 if ev.get('step', 0) < ev.get('total_steps', 0):

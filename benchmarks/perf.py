@@ -105,7 +105,7 @@ def input_measurements(base, tmp: str, steps_rate: float | None) -> dict:
     """grain alone per worker count, then the data-wait share of a short real training run."""
     import numpy as np
     from PIL import Image
-    from colormae_jax import train
+    from colormae_jax import main
     root = os.path.join(tmp, 'jpegs')
     rng = np.random.default_rng(0)
     n = _JPEGS.value
@@ -134,7 +134,7 @@ def input_measurements(base, tmp: str, steps_rate: float | None) -> dict:
     c.total_steps, c.warmup_steps = 30 if not _TINY.value else 6, 1
     c.log_every_steps, c.ckpt.every_steps, c.image_summary_every_epochs = 10, 10 ** 6, 0.0
     c.knn.every_epochs = 0.0
-    res = train.train_and_evaluate(c, os.path.join(tmp, 'wd'))
+    res = main.run(c, os.path.join(tmp, 'wd'))
     out['train_loop'] = {'steps': res['step'], 'batch': bs, 'workers': best['workers'],
                          'loop_s': round(res['loop_seconds'], 2), 'data_wait_s': round(res['data_wait_seconds'], 2),
                          'data_wait_share': round(res['data_wait_seconds'] / max(res['loop_seconds'], 1e-9), 4)}

@@ -7,7 +7,7 @@ Sets its own XLA_FLAGS (``--devices`` virtual CPU devices; XLA's CPU optimisatio
 cuts compile time 2-3x: the tests compare runs with each other, not speed) and
 JAX_PLATFORMS=cpu before jax is imported, starts jax.distributed through
 ``colormae_jax.distributed.initialize`` (gloo CPU collectives; nothing with 1 process), then
-runs ``train.train_and_evaluate`` on ``helpers.smoke_config(R, D, **over)``.
+runs ``main.run`` on ``helpers.smoke_config(R, D, **over)``.
 
 Every process writes ``OUT.p<process>.npz``: the final params (gathered), the losses, the
 final step, and its FAMT weight store rows with their example indices (if any). Test hooks:
@@ -57,8 +57,9 @@ def snapshot(state, task) -> dict:
     from colormae_jax import checkpoint
     params = multihost_utils.process_allgather(state['params'], tiled=True)
     out = {f'params/{checkpoint._keystr(p)}': np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    store = task.phases.store
-    if store is not None:  # row r of process p holds example r * P + p
+    famt_state = task.phases.states.get('famt')
+    if famt_state is not None:
+        store = famt_state.store  # row r of process p holds example r * P + p
         rows = np.arange(store.rows) * store.process_count + store.process_index
         keep = rows < store.num_examples
         out['famt/index'] = rows[keep]
@@ -112,7 +113,8 @@ def main():
 
     import numpy as np
     from absl import logging
-    from colormae_jax import data, train
+    from colormae_jax import data, main
+    from colormae_jax.tasks import pretrain
     from colormae_jax.main import configure_logging
     from helpers import smoke_config
     logging.use_absl_handler()  # timestamps
@@ -121,12 +123,12 @@ def main():
 
     tasks = []
 
-    class RecordedTask(train.PretrainTask):  # keeps a handle on the FAMT store
+    class RecordedTask(pretrain.PretrainTask):  # keeps a handle on the FAMT store
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             tasks.append(self)
 
-    train.PretrainTask = RecordedTask
+    pretrain.PretrainTask = RecordedTask
     if a.process_id == a.pause_process and (a.pause_at or a.sigterm_at):
         real_to_global, calls = data.to_global, [0]
 
@@ -150,10 +152,10 @@ def main():
 
     config = smoke_config(a.root, a.data_dir, **json.loads(a.over))
     if a.restore_only:
-        out = train.train_and_evaluate(config, a.workdir, stop_after=0)
+        out = main.run(config, a.workdir, stop_after=0)
         np.savez(f'{a.out}.p{a.process_id}.restored.npz', step=np.asarray(out['step']),
                  **snapshot(out['state'], tasks[-1]))
-    out = train.train_and_evaluate(config, a.workdir)
+    out = main.run(config, a.workdir)
     np.savez(f'{a.out}.p{a.process_id}.npz', losses=np.asarray(out['losses'], np.float64), step=np.asarray(out['step']),
              **snapshot(out['state'], tasks[-1]))
     logging.info('process %d wrote %s.p%d.npz', a.process_id, a.out, a.process_id)

@@ -42,19 +42,19 @@ def test_data_preparation_failure_on_process_0_reaches_every_process(tmp_path, m
     import jax
     import ml_collections
     import pytest
-    from colormae_jax import data, main
+    from colormae_jax import defaults, errors, main
     told = []
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
     monkeypatch.setattr(main.multihost_utils, 'broadcast_one_to_all', lambda x: told.append(bool(x)) or x)
     broken = make_folder(tmp_path / 'imgs', per_class=2)
     open(os.path.join(broken, 'train', 'cat', 'bad.jpg'), 'wb').write(b'not a jpeg')
-    config = ml_collections.ConfigDict({'data': data.default_data_config()})
+    config = ml_collections.ConfigDict({'data': defaults.data_config()})
     config.data.root, config.data.data_dir = broken, str(tmp_path / 'tfds')
     monkeypatch.setattr(jax, 'process_index', lambda: 0)
-    with pytest.raises(data.DataError, match='bad.jpg'):
+    with pytest.raises(errors.DataError, match='bad.jpg'):
         main.prepare_data_once(config)
     assert told == [False]
     monkeypatch.setattr(jax, 'process_index', lambda: 1)  # another process: told by process 0's broadcast
     monkeypatch.setattr(main.multihost_utils, 'broadcast_one_to_all', lambda x: False)
-    with pytest.raises(data.DataError, match='process 0 could not prepare the data'):
+    with pytest.raises(errors.DataError, match='process 0 could not prepare the data'):
         main.prepare_data_once(config)

@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from colormae_jax import config_lib, masking, parallel, train
+from colormae_jax import config_lib, main, masking, parallel
+from colormae_jax.tasks import pretrain
 from colormae_jax.masking import colour
 from helpers import make_folder, override, smoke_config
 
@@ -134,7 +135,7 @@ def test_official_bank_file(tmp_path):
     path = str(tmp_path / 'green_noise_data_8.npz')
     np.savez(path, np.random.default_rng(0).normal(size=(8, 20, 24)))  # key 'arr_0', like the official files
     s = masking.create(_cfg('green', path=str(tmp_path / '{colour}_noise_data_8.npz')), grid=8)
-    s.check()
+    s.check(1)
     aux = s.init_aux(jax.random.PRNGKey(0))
     assert aux.shape == (8, 20, 24)  # loaded banks are not assumed periodic: no padding
     p = s(jax.random.PRNGKey(1), {'image': jnp.zeros((4, 32, 32, 3))}, aux)
@@ -179,9 +180,9 @@ def test_bad_noise_configs(tmp_path, folder):
 def test_schedule_switches_that_round_to_one_step_are_refused(tmp_path, folder):
     root, data_dir = folder
     c = smoke_config(root, data_dir, **{'mask.schedule': 'green,blue@1,red@1.01'})
-    t = train.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
+    t = pretrain.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
     with pytest.raises(config_lib.ConfigError, match="'red' at epoch 1.01 starts at step 4, which leaves no step"):
-        train.MaskPhases(t)  # built before anything compiles
+        pretrain.MaskPhases(t)  # built before anything compiles
 
 
 def test_parse_schedule():
@@ -194,16 +195,16 @@ def test_parse_schedule():
 def test_schedule_switches_and_compiles_once_per_strategy(folder, tmp_path, monkeypatch):
     root, data_dir = folder
     traced = []
-    real = train.train_step
+    real = pretrain.train_step
 
     def counting(state, batch, aux, *, t, strategy):
         traced.append(strategy.name)
         return real(state, batch, aux, t=t, strategy=strategy)
 
-    monkeypatch.setattr(train, 'train_step', counting)
+    monkeypatch.setattr(pretrain, 'train_step', counting)
     # 32 examples / batch 8 = 4 steps per epoch: green 1-4, blue 5-8, green 9-12
     c = smoke_config(root, data_dir, **{'mask.schedule': 'green,blue@1,green@2', 'image_summary_every_epochs': 0.0})
-    out = train.train_and_evaluate(c, str(tmp_path / 'w'), devices=jax.devices()[:1])
+    out = main.run(c, str(tmp_path / 'w'), devices=jax.devices()[:1])
     assert out['step'] == 12 and np.isfinite(out['losses']).all()
     assert sorted(traced) == ['blue', 'green']  # green came back without a second compile
 

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from colormae_jax import config_lib, evaluate, train
+from colormae_jax import checkpoint, config_lib, knn, main
+from colormae_jax.tasks import linear_probe
 from helpers import make_folder, override, smoke_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
@@ -23,13 +24,13 @@ def test_knn_weighted_vote():
     train_f = np.asarray([[1, 0.01], [1, -0.01], [1, 0.02], [0, 1], [0.01, 1], [-0.01, 1]], np.float32)
     train_y = np.asarray([0, 0, 0, 1, 1, 1])
     test_f = np.asarray([[0.1, 1.0], [1.0, 0.1]], np.float32)
-    acc = evaluate.knn_accuracy(train_f, train_y, test_f, np.asarray([1, 0]), num_classes=2, k=6, temperature=0.07)
+    acc = knn.knn_accuracy(train_f, train_y, test_f, np.asarray([1, 0]), num_classes=2, k=6, temperature=0.07)
     assert acc == 100.0
     # with k = all and a huge temperature, votes are uniform: a 4-vs-2 majority wins whatever the distance
     train_y2 = np.asarray([0, 0, 0, 0, 1, 1])
-    acc = evaluate.knn_accuracy(train_f, train_y2, test_f[:1], np.asarray([0]), num_classes=2, k=6, temperature=1e6)
+    acc = knn.knn_accuracy(train_f, train_y2, test_f[:1], np.asarray([0]), num_classes=2, k=6, temperature=1e6)
     assert acc == 100.0
-    acc = evaluate.knn_accuracy(train_f, train_y2, test_f[:1], np.asarray([1]), num_classes=2, k=2, temperature=0.07)
+    acc = knn.knn_accuracy(train_f, train_y2, test_f[:1], np.asarray([1]), num_classes=2, k=2, temperature=0.07)
     assert acc == 100.0  # the two nearest are class 1
 
 
@@ -38,7 +39,7 @@ def pretrained(tmp_path_factory):
     base = tmp_path_factory.mktemp('ev')
     root = make_folder(base / 'imgs', per_class=16, splits=('train', 'test'))
     c = smoke_config(root, str(base / 'tfds'), **{'image_summary_every_epochs': 0.0})
-    train.train_and_evaluate(c, str(base / 'mae'), devices=DEV)
+    main.run(c, str(base / 'mae'), devices=DEV)
     return root, str(base / 'tfds'), str(base / 'mae')
 
 
@@ -54,7 +55,7 @@ def _eval_config(task, root, data_dir, init_from, **over):
 
 def test_feature_iterator_epochs_are_permutations_and_resume_exactly():
     feats = np.arange(100, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
-    it = evaluate.feature_iterator(feats, np.arange(100), batch_size=32, seed=0)
+    it = linear_probe.feature_iterator(feats, np.arange(100), batch_size=32, seed=0)
     epochs = [np.concatenate([next(it)['label'] for _ in range(3)]) for _ in range(2)]  # 3 batches of 32 per epoch
     for e in epochs:
         assert len(set(e.tolist())) == 96  # no row twice within an epoch
@@ -70,7 +71,7 @@ def test_feature_iterator_epochs_are_permutations_and_resume_exactly():
 
 def test_knn_task(pretrained, tmp_path):
     root, dd, mae = pretrained
-    out = train.train_and_evaluate(_eval_config('knn', root, dd, mae), str(tmp_path / 'k'), devices=DEV)
+    out = main.run(_eval_config('knn', root, dd, mae), str(tmp_path / 'k'), devices=DEV)
     r = out['results']
     assert set(r) == {'knn/cls_top1', 'knn/mean_top1'} and all(0 <= v <= 100 for v in r.values())
     saved = json.load(open(tmp_path / 'k' / 'results.json'))
@@ -81,18 +82,18 @@ def test_knn_task(pretrained, tmp_path):
 def test_linear_probe_resumes_bitwise(pretrained, tmp_path, mode):
     root, dd, mae = pretrained
     c = _eval_config('linear_probe', root, dd, mae + '/checkpoints/8', **{'probe.mode': mode})
-    full = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=DEV)
+    full = main.run(c, str(tmp_path / 'a'), devices=DEV)
     assert full['step'] == 12 and np.isfinite(full['losses']).all()
     assert 0 <= full['results']['linear/top1'] <= 100
-    first = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV, stop_after=6)
+    first = main.run(c, str(tmp_path / 'b'), devices=DEV, stop_after=6)
     assert first['losses'] == full['losses'][:6]
-    second = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV)
+    second = main.run(c, str(tmp_path / 'b'), devices=DEV)
     assert second['losses'] == full['losses'][4:]
     assert second['results']['linear/top1'] == full['results']['linear/top1']
     # the encoder is frozen: only the head was trained (BatchNorm has no affine parameters)
     assert set(full['state']['params']) == {'head'} and set(full['state']['stats']['bn']) == {'mean', 'var'}
     if mode == 'faithful':  # images normalised by the pipeline are not normalised again on the device
-        host = train.train_and_evaluate(override(c, **{'data.normalize_on': 'host'}), str(tmp_path / 'h'),
+        host = main.run(override(c, **{'data.normalize_on': 'host'}), str(tmp_path / 'h'),
                                         devices=DEV, stop_after=3)
         np.testing.assert_allclose(host['losses'], full['losses'][:3], rtol=1e-4)
 
@@ -100,15 +101,15 @@ def test_linear_probe_resumes_bitwise(pretrained, tmp_path, mode):
 def test_eval_bad_input(pretrained, tmp_path):
     root, dd, mae = pretrained
     with pytest.raises(config_lib.ConfigError, match='config.init_from: set the pre-training run'):
-        train.train_and_evaluate(_eval_config('knn', root, dd, ''), str(tmp_path / 'x'), devices=DEV)
+        main.run(_eval_config('knn', root, dd, ''), str(tmp_path / 'x'), devices=DEV)
     with pytest.raises(config_lib.ConfigError, match='config.init_from: .* is not a directory'):
-        train.train_and_evaluate(_eval_config('knn', root, dd, str(tmp_path / 'nope')), str(tmp_path / 'x'),
+        main.run(_eval_config('knn', root, dd, str(tmp_path / 'nope')), str(tmp_path / 'x'),
                                  devices=DEV)
     with pytest.raises(config_lib.ConfigError, match='config.data.image_size: 64, but the encoder'):
-        train.train_and_evaluate(_eval_config('knn', root, dd, mae, **{'data.image_size': 64}), str(tmp_path / 'x'),
+        main.run(_eval_config('knn', root, dd, mae, **{'data.image_size': 64}), str(tmp_path / 'x'),
                                  devices=DEV)
     with pytest.raises(config_lib.ConfigError, match="config.probe.mode: 'slow'"):
-        train.train_and_evaluate(_eval_config('linear_probe', root, dd, mae, **{'probe.mode': 'slow'}),
+        main.run(_eval_config('linear_probe', root, dd, mae, **{'probe.mode': 'slow'}),
                                  str(tmp_path / 'x'), devices=DEV)
 
 
@@ -135,18 +136,18 @@ def test_study_smoke_end_to_end(pretrained, tmp_path):
 def test_finetune_trains_end_to_end_and_resumes(pretrained, tmp_path):
     root, dd, mae = pretrained
     c = _eval_config('finetune', root, dd, mae, **{'total_steps': 8, 'ckpt.every_steps': 4})
-    full = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=DEV)
+    full = main.run(c, str(tmp_path / 'a'), devices=DEV)
     assert full['step'] == 8 and np.isfinite(full['losses']).all()
     assert 0 <= full['results']['finetune/top1'] <= 100
     from colormae_jax.tools import convert
-    pre, _, _ = convert.load_any_params(mae)
+    pre, _, _ = checkpoint.load_any_params(mae)
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          full['state']['params']['encoder']['blocks'][0], pre['encoder']['blocks'][0])
     assert max(jax.tree.leaves(moved)) > 0  # the encoder is fine-tuned, not frozen
-    first = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV, stop_after=5)
-    second = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV)
+    first = main.run(c, str(tmp_path / 'b'), devices=DEV, stop_after=5)
+    second = main.run(c, str(tmp_path / 'b'), devices=DEV)
     assert first['losses'] + second['losses'][1:] == full['losses']  # resumed from step 4
     # the step-4 checkpoint holds the evaluation at step 4, so the best value survives the resume
     assert second['results'] == full['results']
-    again = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=DEV)  # already complete: reports, trains nothing
+    again = main.run(c, str(tmp_path / 'a'), devices=DEV)  # already complete: reports, trains nothing
     assert again['losses'] == [] and again['results'] == full['results']

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from colormae_jax import checkpoint, config_lib, data, masking, parallel, train
+from colormae_jax import checkpoint, config_lib, data, loop, main, masking, model, parallel
+from colormae_jax.tasks import pretrain
 from colormae_jax.masking import famt
 from helpers import make_folder, override, smoke_config
 
@@ -117,9 +118,9 @@ def test_weight_maps_attention_and_frequency_settings():
 
 def _step_flops(config):
     mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-    t = train.make_trainer(config, mesh, steps_per_epoch=10)
+    t = pretrain.make_trainer(config, mesh, steps_per_epoch=10)
     s = masking.create(config.mask, t.mae.grid)
-    step = train.compile_step(t, s, ())
+    step = pretrain.compile_step(t, s, ())
     batch = {'image': jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8), 'index': jax.ShapeDtypeStruct((8,), jnp.int32)}
     return step.lower(t.abstract_state, batch, ()).compile().cost_analysis()['flops']
 
@@ -158,11 +159,11 @@ def _famt_config(root, data_dir, **over):
 def test_resume_across_weight_updates_is_bitwise(folder, tmp_path):
     root, data_dir = folder
     c = _famt_config(root, data_dir)
-    full = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=jax.devices()[:1])
+    full = main.run(c, str(tmp_path / 'a'), devices=jax.devices()[:1])
     assert full['step'] == 12 and np.isfinite(full['losses']).all()
-    first = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=jax.devices()[:1], stop_after=6)
+    first = main.run(c, str(tmp_path / 'b'), devices=jax.devices()[:1], stop_after=6)
     assert first['losses'] == full['losses'][:6]
-    second = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=jax.devices()[:1])
+    second = main.run(c, str(tmp_path / 'b'), devices=jax.devices()[:1])
     assert second['losses'] == full['losses'][4:]  # the step-4 checkpoint holds the store of the update at 4
     jax.tree.map(np.testing.assert_array_equal, second['state']['params'], full['state']['params'])
 
@@ -170,12 +171,12 @@ def test_resume_across_weight_updates_is_bitwise(folder, tmp_path):
 def test_store_that_does_not_match_the_dataset_is_refused(folder, tmp_path):
     root, data_dir = folder
     c = _famt_config(root, data_dir)
-    train.train_and_evaluate(c, str(tmp_path / 'w'), devices=jax.devices()[:1], stop_after=4)
+    main.run(c, str(tmp_path / 'w'), devices=jax.devices()[:1], stop_after=4)
     other = make_folder(tmp_path / 'more', per_class=20)
     c2 = _famt_config(other, data_dir)
     with pytest.raises(checkpoint.CheckpointMismatch, match='famt/table: checkpoint has \\(32, 64\\), config needs '
-                                                            '\\(40, 64\\).*FAMT weight store'):
-        train.train_and_evaluate(c2, str(tmp_path / 'w'), devices=jax.devices()[:1])
+                                                            '\\(40, 64\\) \\(this run\'s \'famt\' item: another dataset size'):
+        main.run(c2, str(tmp_path / 'w'), devices=jax.devices()[:1])
 
 
 def test_bad_famt_configs(folder, tmp_path):
@@ -185,7 +186,7 @@ def test_bad_famt_configs(folder, tmp_path):
         with pytest.raises(config_lib.ConfigError) as e:
             c = _famt_config(root, data_dir, **over)
             config_lib.validate(c, num_devices=1)
-            train.train_and_evaluate(c, str(tmp_path / 'x'), devices=jax.devices()[:1])
+            main.run(c, str(tmp_path / 'x'), devices=jax.devices()[:1])
         return str(e.value)
 
     assert 'config.mask.ratio' in err(**{'mask.throw_ratio': 0.55})  # 0.45 + 0.55 >= 1: nothing visible
@@ -201,8 +202,8 @@ def test_weight_passes_run_only_where_a_famt_phase_uses_them(folder):
 
     def updates(schedule, total=40):
         c = _famt_config(root, data_dir, **{'mask.schedule': schedule, 'total_steps': total})
-        t = train.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
-        return sorted(train.MaskPhases(t).update_steps)
+        t = pretrain.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
+        return sorted(pretrain.MaskPhases(t).states['famt'].update_steps)
 
     assert updates('famt') == [4, 8, 12, 16, 20, 24, 28, 32, 36]
     assert updates('famt,green@4') == [4, 8, 12]  # FAMT runs steps 0-15: the update at 12 serves 12-15
@@ -215,23 +216,23 @@ def test_weight_passes_run_only_where_a_famt_phase_uses_them(folder):
 def test_interval_longer_than_training_still_updates_once(folder):
     root, data_dir = folder
     c = _famt_config(root, data_dir, **{'mask.famt.update_every_steps': 100})
-    t = train.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
-    assert sorted(train.MaskPhases(t).update_steps) == [4]
+    t = pretrain.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
+    assert sorted(pretrain.MaskPhases(t).states['famt'].update_steps) == [4]
 
 
 def test_reconstruction_picture_leaves_thrown_patches_blank(folder):
     root, data_dir = folder
     c = _famt_config(root, data_dir)
     mesh = parallel.make_mesh(c.mesh, jax.devices()[:1])
-    t = train.make_trainer(c, mesh, steps_per_epoch=4)
+    t = pretrain.make_trainer(c, mesh, steps_per_epoch=4)
     strategy = masking.create(c.mask, t.mae.grid)
     rng = np.random.default_rng(0)
     batch = {'image': rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
              famt.WEIGHT_KEY: rng.random((2, 64)).astype(np.float32)}
     step = jnp.asarray(3)
-    pics = np.asarray(train.reconstruct(train.init_state(t)['params'], batch, (), step, t=t, strategy=strategy))
-    inp, hidden, recon = (train.model_lib.patchify(jnp.asarray(p, jnp.float32), 4) for p in np.split(pics, 3, axis=2))
-    part = strategy(jax.random.fold_in(train.step_rng(c.seed, step), 0), batch, ())
+    pics = np.asarray(pretrain.reconstruct(pretrain.init_state(t)['params'], batch, (), step, t=t, strategy=strategy))
+    inp, hidden, recon = (model.patchify(jnp.asarray(p, jnp.float32), 4) for p in np.split(pics, 3, axis=2))
+    part = strategy(jax.random.fold_in(loop.step_rng(c.seed, step), 0), batch, ())
     for i in range(2):
         vis, thr, msk = (np.asarray(a[i]) for a in (part.visible, part.thrown, part.masked))
         np.testing.assert_array_equal(recon[i, vis], inp[i, vis])  # visible: pasted

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from colormae_jax import checkpoint, data, train
+from colormae_jax import checkpoint, data, main
 from helpers import make_folder, smoke_config
 
 
@@ -23,15 +23,15 @@ DEV = jax.devices()[:1]
 def test_resume_equals_uninterrupted(folder, tmp_path):
     root, data_dir = folder
     c = smoke_config(root, data_dir)
-    full = train.train_and_evaluate(c, str(tmp_path / 'a'), devices=DEV)
+    full = main.run(c, str(tmp_path / 'a'), devices=DEV)
     assert len(full['losses']) == 12 and full['step'] == 12
     assert sorted(os.listdir(tmp_path / 'a' / 'checkpoints')) == ['12', '4', '8'] or \
         sorted(os.listdir(tmp_path / 'a' / 'checkpoints')) == ['12', '8', '4']
     assert any(f.startswith('events') for f in os.listdir(tmp_path / 'a' / 'tb'))
     # Killed after step 6: the checkpoint of step 4 survives; the relaunch redoes 5 and 6.
-    first = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV, stop_after=6)
+    first = main.run(c, str(tmp_path / 'b'), devices=DEV, stop_after=6)
     assert first['losses'] == full['losses'][:6]
-    second = train.train_and_evaluate(c, str(tmp_path / 'b'), devices=DEV)
+    second = main.run(c, str(tmp_path / 'b'), devices=DEV)
     assert second['losses'] == full['losses'][4:]  # bitwise
     jax.tree.map(np.testing.assert_array_equal, second['state']['params'], full['state']['params'])
 
@@ -49,19 +49,19 @@ def test_sigterm_saves_and_resumes(folder, tmp_path, monkeypatch):
         return real(batch, sh)
 
     monkeypatch.setattr(data, 'to_global', to_global)
-    out = train.train_and_evaluate(c, str(tmp_path), devices=DEV)
+    out = main.run(c, str(tmp_path), devices=DEV)
     assert out['step'] == 3 and os.listdir(tmp_path / 'checkpoints') == ['3']
     monkeypatch.setattr(data, 'to_global', real)
-    rest = train.train_and_evaluate(c, str(tmp_path), devices=DEV)
+    rest = main.run(c, str(tmp_path), devices=DEV)
     assert rest['step'] == 12 and len(rest['losses']) == 9
 
 
 def test_mismatched_checkpoint_is_refused(folder, tmp_path):
     root, data_dir = folder
-    train.train_and_evaluate(smoke_config(root, data_dir, total_steps=4), str(tmp_path), devices=DEV)
+    main.run(smoke_config(root, data_dir, total_steps=4), str(tmp_path), devices=DEV)
     other = smoke_config(root, data_dir, total_steps=4, **{'model.decoder.width': 64})
     with pytest.raises(checkpoint.CheckpointMismatch) as e:
-        train.train_and_evaluate(other, str(tmp_path), devices=DEV)
+        main.run(other, str(tmp_path), devices=DEV)
     msg = str(e.value)
     assert 'model.decoder.width: checkpoint has 32, config has 64' in msg
     assert 'params/decoder/blocks/0/attn/proj/kernel: checkpoint has (32, 32), config needs (64, 64)' in msg
@@ -72,7 +72,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
     root, data_dir = folder
     c = smoke_config(root, data_dir, base_lr=1e12, total_steps=12, warmup_steps=0)
     with pytest.raises(FloatingPointError, match='non-finite training metrics at step') as e:
-        train.train_and_evaluate(c, str(tmp_path), devices=DEV)
+        main.run(c, str(tmp_path), devices=DEV)
     saved = os.listdir(tmp_path / 'checkpoints') if os.path.exists(tmp_path / 'checkpoints') else []
     assert 'last good checkpoint is' in str(e.value)
     for s in saved:  # whatever was saved holds finite parameters
@@ -83,8 +83,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
 def test_gradient_clipping_can_be_turned_on_when_resuming(folder, tmp_path):
     """The NaN message advises setting grad_clip_norm and relaunching: the checkpoint must fit."""
     root, data_dir = folder
-    train.train_and_evaluate(smoke_config(root, data_dir, total_steps=8), str(tmp_path), devices=DEV, stop_after=4)
-    rest = train.train_and_evaluate(smoke_config(root, data_dir, total_steps=8, grad_clip_norm=1e-3), str(tmp_path),
+    main.run(smoke_config(root, data_dir, total_steps=8), str(tmp_path), devices=DEV, stop_after=4)
+    rest = main.run(smoke_config(root, data_dir, total_steps=8, grad_clip_norm=1e-3), str(tmp_path),
                                     devices=DEV)
     assert rest['step'] == 8 and len(rest['losses']) == 4
     assert np.isfinite(rest['losses']).all()
@@ -94,4 +94,4 @@ def test_missing_dataset_is_refused_before_compiling(tmp_path):
     c = smoke_config(tmp_path / 'nope', tmp_path / 'tfds')
     from colormae_jax import config_lib
     with pytest.raises(config_lib.ConfigError, match='data.root'):
-        train.train_and_evaluate(c, str(tmp_path / 'wd'), devices=DEV)
+        main.run(c, str(tmp_path / 'wd'), devices=DEV)

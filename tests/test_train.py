@@ -5,7 +5,8 @@ import sys
 import jax
 import numpy as np
 
-from colormae_jax import masking, parallel, train
+from colormae_jax import masking, model, optim, parallel
+from colormae_jax.tasks import pretrain
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
 import cifar10  # noqa: E402
@@ -27,11 +28,11 @@ def synthetic_batch(n, size=32, seed=0):
 
 def run_steps(config, devices, batch, steps):
     mesh = parallel.make_mesh(config.mesh, devices)
-    t = train.make_trainer(config, mesh, steps_per_epoch=10)
+    t = pretrain.make_trainer(config, mesh, steps_per_epoch=10)
     strategy = masking.create(config.mask, t.mae.grid)
     rep = parallel.replicated(mesh)
-    step = train.compile_step(t, strategy, ())
-    state = train.init_state(t)
+    step = pretrain.compile_step(t, strategy, ())
+    state = pretrain.init_state(t)
     gb = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in batch.items()}
     losses = []
     for _ in range(steps):
@@ -43,8 +44,8 @@ def run_steps(config, devices, batch, steps):
 
 def test_weight_decay_mask():
     c = smoke_config()
-    _, params, _ = train.build_model(c)
-    mask = train.decay_mask(params)
+    _, params = model.abstract_mae(model.mae_config(c.model, c.data.image_size))
+    mask = optim.decay_mask(params)
     assert mask['encoder']['blocks'][0]['attn']['qkv']['kernel'] is True
     assert mask['encoder']['blocks'][0]['attn']['qkv']['bias'] is False
     assert mask['encoder']['norm']['scale'] is False
@@ -54,7 +55,7 @@ def test_weight_decay_mask():
 
 def test_lr_schedule_warmup_then_cosine():
     c = smoke_config(base_lr=1e-3, batch_size=512)
-    s = train.make_schedule(c, total_steps=100, warmup_steps=10)
+    s = optim.make_schedule(c, total_steps=100, warmup_steps=10)
     peak = 1e-3 * 512 / 256
     np.testing.assert_allclose([s(0), s(5), s(10), s(55), s(100)], [0, peak / 2, peak, peak / 2, 0], atol=1e-9)
 
@@ -118,6 +119,6 @@ def test_warmup_longer_than_training_names_the_key_that_was_set():
     from colormae_jax import config_lib
     mesh = parallel.make_mesh((('data', -1), ('fsdp', 1)), jax.devices()[:1])
     with pytest.raises(config_lib.ConfigError, match=r'config.warmup_steps: warm-up \(5 steps\) is longer'):
-        train.make_trainer(smoke_config(total_steps=2, warmup_steps=5), mesh, steps_per_epoch=10)
+        pretrain.make_trainer(smoke_config(total_steps=2, warmup_steps=5), mesh, steps_per_epoch=10)
     with pytest.raises(config_lib.ConfigError, match=r'config.warmup_epochs: warm-up \(30 steps\) is longer'):
-        train.make_trainer(smoke_config(total_steps=2, warmup_steps=None, warmup_epochs=3.0), mesh, steps_per_epoch=10)
+        pretrain.make_trainer(smoke_config(total_steps=2, warmup_steps=None, warmup_epochs=3.0), mesh, steps_per_epoch=10)
