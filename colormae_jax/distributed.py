@@ -9,8 +9,12 @@ first thing). It decides whether the run is multi-process and, if so, calls
   ``colormae_jax.main``, else the ``COLORMAE_COORDINATOR_ADDRESS`` / ``COLORMAE_NUM_PROCESSES``
   / ``COLORMAE_PROCESS_ID`` environment variables). A process count of 1 is a single-process
   run. Values not given are auto-detected by JAX (e.g. the process id from SLURM);
-* **detected**: none is given, and JAX's own cluster detection finds a TPU pod (Cloud TPU
-  VM metadata or GKE), a SLURM job step or an Open MPI job with more than one process;
+* **detected**: none is given, and the scheduler's environment (:func:`detect_cluster`) shows
+  a SLURM job step or an Open MPI job with more than one process, or a TPU VM (libtpu
+  installed). ``jax.distributed.initialize()`` then fills in the settings from the same
+  environment, as JAX documents for these clusters (on TPU from the VM metadata, so a TPU
+  VM outside a pod slice starts a one-process service; when JAX finds no TPU slice the run is
+  single-process). Other clusters (e.g. plain Kubernetes jobs) need the settings;
 * otherwise the run is single-process and ``jax.distributed`` is left alone.
 
 ``distributed='on'`` always initializes (e.g. a single-host TPU VM that should still start
@@ -25,6 +29,7 @@ service and stop at once. Relaunching all processes resumes from the last checkp
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import Mapping
 
@@ -89,22 +94,40 @@ def _int(name: str, value, minimum: int) -> int | None:
     return v
 
 
-def detect_cluster() -> tuple[str, int] | None:
-    """``(cluster name, process count)`` of the cluster JAX would auto-detect (TPU pod, SLURM,
-    Open MPI, Kubernetes), or None. Uses JAX's own detectors (``jax._src.clusters``; jax is
-    pinned in pyproject.toml), so it agrees with what ``jax.distributed.initialize()`` does."""
-    try:
-        from jax._src.clusters import ClusterEnv
-    except ImportError:  # a jax without the registry: only explicit settings work
-        return None
-    for env in ClusterEnv._cluster_types:
-        if getattr(env, 'opt_in_only_method', False):
-            continue  # e.g. mpi4py: only when asked for by name
-        try:
-            if env.is_env_present():
-                return getattr(env, 'name', '') or env.__name__, int(env.get_process_count())
-        except Exception as e:  # a detector that cannot reach its metadata: not that cluster
-            logging.warning('cluster detection %s failed: %s: %s', env.__name__, type(e).__name__, e)
+def _count(env: Mapping[str, str], name: str) -> int | None:
+    v = env.get(name, '')
+    if v.isdigit():
+        return int(v)
+    logging.warning('%s=%r is not a process count; not treated as a cluster', name, v)
+    return None
+
+
+def detect_cluster(environ: Mapping[str, str] | None = None) -> tuple[str, int | None] | None:
+    """``(cluster, process count)`` of the multi-process launch this process is part of, read
+    from the variables the schedulers set (``jax.distributed.initialize()`` reads the same ones
+    to fill in what is not given), or None:
+
+    * ``'slurm'``: an ``srun`` job step (``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``,
+      ``SLURM_PROCID``, ``SLURM_LOCALID``), ``SLURM_NTASKS`` processes;
+    * ``'ompi'``: Open MPI's ``mpirun``, ``OMPI_COMM_WORLD_SIZE`` processes;
+    * ``'tpu'``: the libtpu package is installed and ``JAX_PLATFORMS`` allows TPUs: a GKE TPU
+      slice (``TPU_WORKER_HOSTNAMES`` or ``TPU_PROCESS_ADDRESSES`` hosts, times
+      ``MEGASCALE_NUM_SLICES``), else a TPU VM whose slice only JAX's detection reads (the VM
+      metadata): count None.
+    """
+    env = os.environ if environ is None else environ
+    if all(v in env for v in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+                              'SLURM_LOCALID')):
+        count = _count(env, 'SLURM_NTASKS')
+        return None if count is None else ('slurm', count)
+    if 'OMPI_COMM_WORLD_SIZE' in env:
+        count = _count(env, 'OMPI_COMM_WORLD_SIZE')
+        return None if count is None else ('ompi', count)
+    platforms = str(env.get('JAX_PLATFORMS', '') or jax.config.jax_platforms or '').lower()
+    if (not platforms or 'tpu' in platforms) and importlib.util.find_spec('libtpu') is not None:
+        hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES')
+        slices = env.get('MEGASCALE_NUM_SLICES', '')
+        return 'tpu', (len(hosts.split(',')) * (int(slices) if slices.isdigit() else 1) if hosts else None)
     return None
 
 
@@ -147,13 +170,14 @@ def initialize(*, distributed: str | None = None, coordinator_address: str | Non
     elif explicit:
         how = 'explicit' if count is None or count > 1 else None
     else:
-        found = detect_cluster()
-        how = f'detected {found[0]}' if found is not None and found[1] > 1 else None
+        found = detect_cluster(env)
+        how = f'detected {found[0]}' if found is not None and (found[1] is None or found[1] > 1) else None
 
     if how is not None:
         missing = [f'--{n} (or {ENV[n]})' for n, v in (('coordinator_address', address), ('num_processes', count),
                                                         ('process_id', pid)) if v is None]
-        if missing and detect_cluster() is None:
+        cluster = detect_cluster(env) if missing else None
+        if missing and cluster is None:
             raise DistributedError(f'a multi-process run outside a TPU pod, SLURM or Open MPI job needs '
                                    f'{", ".join(missing)} on every process')
         platforms = str(env.get('JAX_PLATFORMS', '') or jax.config.jax_platforms or '')
@@ -166,7 +190,17 @@ def initialize(*, distributed: str | None = None, coordinator_address: str | Non
                       heartbeat_timeout_seconds=hb_timeout or DEFAULT_HEARTBEAT_TIMEOUT)
         logging.info('Starting jax.distributed (%s): %s', how,
                      ', '.join(f'{k}={v}' for k, v in kwargs.items() if v is not None))
-        jax.distributed.initialize(**kwargs)
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as e:  # JAX's detection did not find what was missing
+            if not missing:
+                raise
+            if how == 'detected tpu' and cluster[1] is None:
+                logging.info('No TPU slice found by jax.distributed (%s): single-process.', e)
+                how = None
+            else:
+                raise DistributedError(f'{cluster[0]}: jax.distributed could not find {", ".join(missing)} ({e}); '
+                                       f'give them on every process') from e
 
     info = DistributedInfo(initialized=how is not None, how=how or 'single-process',
                            process_index=jax.process_index(), process_count=jax.process_count(),

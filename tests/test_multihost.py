@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from colormae_jax import checkpoint, data, distributed, train
+from colormae_jax import checkpoint, data, datasets, distributed, errors, main
 from helpers import make_folder, smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +175,7 @@ def copy_until(src, dst, step) -> str:
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp('mp')
     make_folder(base / 'imgs', per_class=16)  # 32 examples: 4 steps of 8 per epoch
-    data.prepare(smoke_config(base / 'imgs', base / 'tfds').data)  # once: the workers would race to prepare it
+    datasets.prepare(smoke_config(base / 'imgs', base / 'tfds').data)  # once: the workers would race to prepare it
     return base
 
 
@@ -286,9 +286,9 @@ def test_batch_that_does_not_split_over_the_processes_is_refused_before_compilin
     monkeypatch.setattr(jax, 'process_count', lambda: 3)  # e.g. 3 hosts
     with pytest.raises(ValueError, match='batch_size=8 is not divisible by the 3 processes .* use a multiple of 3, '
                                          'e.g. 6'):
-        train.train_and_evaluate(smoke_config(base / 'imgs', base / 'tfds'), str(tmp_path), devices=jax.devices()[:1])
+        main.run(smoke_config(base / 'imgs', base / 'tfds'), str(tmp_path), devices=jax.devices()[:1])
     assert not os.path.exists(tmp_path / 'checkpoints')  # stopped before the trainer, the step or the checkpointer
-    with pytest.raises(data.DataError, match='use a multiple of 3'):
+    with pytest.raises(errors.DataError, match='use a multiple of 3'):
         data.make_train_iterator(smoke_config(base / 'imgs', base / 'tfds').data, global_batch_size=8, seed=0,
                                  process_index=0, process_count=3)
 
