@@ -15,6 +15,7 @@ def time_step(config, *, steps: int, warmup: int, repeats: int, mesh=None) -> di
     """Times the jitted pre-training step of ``config`` on a synthetic uint8 batch (with crop
     boxes and, for FAMT, random weights, so every strategy runs its real path)."""
     import jax
+
     from colormae_jax import masking, parallel
     from colormae_jax.masking import famt
     from colormae_jax.tasks import pretrain

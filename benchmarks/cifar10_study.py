@@ -33,7 +33,8 @@ _STRATEGIES = flags.DEFINE_list('strategies', list(STRATEGIES), f'Subset of {STR
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (repeats).')
 _OUT = flags.DEFINE_string('out', 'study_out', 'Output folder (workdirs, results).')
 _ROOT = flags.DEFINE_string('root', '../shared/data/cifar10', 'CIFAR-10 folder (<root>/{train,test}/<class>/*).')
-_DATA_DIR = flags.DEFINE_string('data_dir', '', 'Where array_record files are prepared (default ~/tensorflow_datasets).')
+_DATA_DIR = flags.DEFINE_string('data_dir', '',
+                                 'Where array_record files are prepared (default ~/tensorflow_datasets).')
 _FINETUNE = flags.DEFINE_bool('finetune', False, 'Also fine-tune every encoder.')
 _BUDGET = flags.DEFINE_float('time_budget_s', 0.0, 'Stop (resumably) after this many seconds; 0: no limit.')
 _OVERRIDES = flags.DEFINE_multi_string('set', [], 'Pre-training config overrides KEY=VALUE (python literal).')

@@ -105,6 +105,7 @@ def input_measurements(base, tmp: str, steps_rate: float | None) -> dict:
     """grain alone per worker count, then the data-wait share of a short real training run."""
     import numpy as np
     from PIL import Image
+
     from colormae_jax import main
     root = os.path.join(tmp, 'jpegs')
     rng = np.random.default_rng(0)
@@ -148,6 +149,7 @@ def input_measurements(base, tmp: str, steps_rate: float | None) -> dict:
 def main(argv):
     del argv
     import jax
+
     from colormae_jax import model
     gpu = jax.default_backend() == 'gpu'
     dev = jax.devices()[0]

@@ -169,5 +169,6 @@ def validate_eval(config, num_devices: int | None = None, check_data: bool = Tru
     _validate_data(config.data, check_data)
     if check_data and config.data.source == 'folder':
         split = os.path.join(config.data.root, config.data.eval_split)
-        _check(os.path.isdir(split), 'data.eval_split', f'{split!r} does not exist; the splits in '
-                                                        f'{config.data.root!r} are {sorted(os.listdir(config.data.root))}')
+        splits = sorted(os.listdir(config.data.root))
+        _check(os.path.isdir(split), 'data.eval_split',
+               f'{split!r} does not exist; the splits in {config.data.root!r} are {splits}')

@@ -18,8 +18,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from colormae_jax import checkpoint as ckpt_lib
-from colormae_jax import data, metrics, parallel
+from colormae_jax import checkpoint as ckpt_lib, data, metrics, parallel
 
 
 class Task(Protocol):

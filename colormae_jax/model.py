@@ -252,7 +252,7 @@ def mae_config(model_cfg, image_size: int) -> MAEConfig:
         image_size=image_size, patch=patch, width=width, depth=depth, mlp_dim=mlp_dim, heads=heads,
         dec_width=model_cfg.decoder.width, dec_depth=model_cfg.decoder.depth, dec_heads=model_cfg.decoder.heads,
         norm_pix_loss=model_cfg.norm_pix_loss, dtype=jnp.dtype(model_cfg.compute_dtype),
-        attn_impl=model_cfg.attn_impl, remat=bool(model_cfg.get('remat', False)))
+        attn_impl=model_cfg.attn_impl, remat=bool(model_cfg.remat))
 
 
 class ViTEncoder(nnx.Module):

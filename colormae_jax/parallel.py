@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ('data', 'fsdp')
@@ -60,7 +61,6 @@ def batch_spec(mesh: Mesh) -> P:
 
 def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
     """This process's rows of a batch-sharded global array, in order, as numpy."""
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, batch_spec(mesh)))
 
 

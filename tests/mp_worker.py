@@ -54,6 +54,7 @@ def snapshot(state, task) -> dict:
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
+
     from colormae_jax import checkpoint
     params = multihost_utils.process_allgather(state['params'], tiled=True)
     out = {f'params/{checkpoint._keystr(p)}': np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
@@ -113,9 +114,11 @@ def main():
 
     import numpy as np
     from absl import logging
+
     from colormae_jax import data, main
-    from colormae_jax.tasks import pretrain
     from colormae_jax.main import configure_logging
+    from colormae_jax.tasks import pretrain
+
     from helpers import smoke_config
     logging.use_absl_handler()  # timestamps
     configure_logging(a.process_id)

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
 
+@pytest.mark.slow
 def test_perf_harness_tiny(tmp_path):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
     r = subprocess.run([sys.executable, 'benchmarks/perf.py', '--tiny', '--steps=1', '--warmup=1', '--no_torch',

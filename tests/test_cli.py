@@ -42,6 +42,7 @@ def test_data_preparation_failure_on_process_0_reaches_every_process(tmp_path, m
     import jax
     import ml_collections
     import pytest
+
     from colormae_jax import defaults, errors, main
     told = []
     monkeypatch.setattr(jax, 'process_count', lambda: 2)

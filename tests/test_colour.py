@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from colormae_jax import config_lib, main, masking, parallel
-from colormae_jax.tasks import pretrain
 from colormae_jax.masking import colour
+from colormae_jax.tasks import pretrain
+
 from helpers import make_folder, override, smoke_config
 
 SIGMAS = dict(sigma=1.5, sigma1=0.8, sigma2=2.0)
@@ -192,6 +193,7 @@ def test_parse_schedule():
     assert masking.parse_schedule(c) == [(0.0, 'green'), (200.0, 'blue'), (250.0, 'red')]
 
 
+@pytest.mark.slow
 def test_schedule_switches_and_compiles_once_per_strategy(folder, tmp_path, monkeypatch):
     root, data_dir = folder
     traced = []
@@ -209,6 +211,7 @@ def test_schedule_switches_and_compiles_once_per_strategy(folder, tmp_path, monk
     assert sorted(traced) == ['blue', 'green']  # green came back without a second compile
 
 
+@pytest.mark.slow
 def test_noise_tool_writes_bank_and_figure(tmp_path):
     import subprocess
     import sys

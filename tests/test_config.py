@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from colormae_jax import config_lib
+
 from helpers import override
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))

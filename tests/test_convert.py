@@ -13,9 +13,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import torch_mae  # noqa: E402
 from colormae_jax import checkpoint, masking, model as M  # noqa: E402
 from colormae_jax.tools import convert  # noqa: E402
+
+import torch_mae  # noqa: E402
 from helpers import cifar10  # noqa: E402
 
 C = M.MAEConfig(image_size=32, patch=4, width=32, depth=2, mlp_dim=128, heads=2, dec_width=32, dec_depth=1,

@@ -3,10 +3,11 @@ import os
 
 import numpy as np
 import pytest
-from helpers import make_folder
 from PIL import Image
 
 from colormae_jax import data, datasets, defaults, errors
+
+from helpers import make_folder
 
 
 @pytest.fixture(scope='module')

@@ -11,6 +11,7 @@ import pytest
 
 from colormae_jax import checkpoint, config_lib, knn, main
 from colormae_jax.tasks import linear_probe
+
 from helpers import make_folder, override, smoke_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
@@ -78,6 +79,7 @@ def test_knn_task(pretrained, tmp_path):
     assert saved['knn/cls_top1'] == r['knn/cls_top1'] and 'step 12' in saved['source']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['fast', 'faithful'])
 def test_linear_probe_resumes_bitwise(pretrained, tmp_path, mode):
     root, dd, mae = pretrained
@@ -113,6 +115,7 @@ def test_eval_bad_input(pretrained, tmp_path):
                                  str(tmp_path / 'x'), devices=DEV)
 
 
+@pytest.mark.slow
 def test_study_smoke_end_to_end(pretrained, tmp_path):
     root, dd, _ = pretrained
     out = tmp_path / 'study'
@@ -133,13 +136,13 @@ def test_study_smoke_end_to_end(pretrained, tmp_path):
     assert (out / 'study.png').read_bytes()[:4] == b'\x89PNG'
 
 
+@pytest.mark.slow
 def test_finetune_trains_end_to_end_and_resumes(pretrained, tmp_path):
     root, dd, mae = pretrained
     c = _eval_config('finetune', root, dd, mae, **{'total_steps': 8, 'ckpt.every_steps': 4})
     full = main.run(c, str(tmp_path / 'a'), devices=DEV)
     assert full['step'] == 8 and np.isfinite(full['losses']).all()
     assert 0 <= full['results']['finetune/top1'] <= 100
-    from colormae_jax.tools import convert
     pre, _, _ = checkpoint.load_any_params(mae)
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          full['state']['params']['encoder']['blocks'][0], pre['encoder']['blocks'][0])

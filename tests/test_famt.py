@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from colormae_jax import checkpoint, config_lib, data, loop, main, masking, model, parallel
-from colormae_jax.tasks import pretrain
 from colormae_jax.masking import famt
+from colormae_jax.tasks import pretrain
+
 from helpers import make_folder, override, smoke_config
 
 
@@ -125,6 +126,7 @@ def _step_flops(config):
     return step.lower(t.abstract_state, batch, ()).compile().cost_analysis()['flops']
 
 
+@pytest.mark.slow
 def test_throwing_cuts_the_step_flops(tmp_path):
     c = smoke_config(tmp_path, tmp_path, **{'model.variant': 'Ti/4', 'model.decoder.depth': 2, 'batch_size': 8})
     keep = _step_flops(override(c, **{'mask.strategy': 'famt', 'mask.ratio': 0.45, 'mask.throw_ratio': 0.0}))
@@ -156,6 +158,7 @@ def _famt_config(root, data_dir, **over):
                                            **over})
 
 
+@pytest.mark.slow
 def test_resume_across_weight_updates_is_bitwise(folder, tmp_path):
     root, data_dir = folder
     c = _famt_config(root, data_dir)
@@ -168,6 +171,7 @@ def test_resume_across_weight_updates_is_bitwise(folder, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, second['state']['params'], full['state']['params'])
 
 
+@pytest.mark.slow
 def test_store_that_does_not_match_the_dataset_is_refused(folder, tmp_path):
     root, data_dir = folder
     c = _famt_config(root, data_dir)
@@ -175,7 +179,8 @@ def test_store_that_does_not_match_the_dataset_is_refused(folder, tmp_path):
     other = make_folder(tmp_path / 'more', per_class=20)
     c2 = _famt_config(other, data_dir)
     with pytest.raises(checkpoint.CheckpointMismatch, match='famt/table: checkpoint has \\(32, 64\\), config needs '
-                                                            '\\(40, 64\\) \\(this run\'s \'famt\' item: another dataset size'):
+                                                            '\\(40, 64\\) \\(this run\'s \'famt\' item: another '
+                                                            'dataset size'):
         main.run(c2, str(tmp_path / 'w'), devices=jax.devices()[:1])
 
 
@@ -220,6 +225,7 @@ def test_interval_longer_than_training_still_updates_once(folder):
     assert sorted(pretrain.MaskPhases(t).states['famt'].update_steps) == [4]
 
 
+@pytest.mark.slow
 def test_reconstruction_picture_leaves_thrown_patches_blank(folder):
     root, data_dir = folder
     c = _famt_config(root, data_dir)

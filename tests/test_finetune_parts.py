@@ -9,9 +9,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from colormae_jax import augment, data, optim
-from colormae_jax import classifier as C
-from colormae_jax import model as M
+from colormae_jax import augment, classifier as C, data, model as M, optim
 from colormae_jax.optim import decay_mask
 
 
@@ -166,6 +164,7 @@ def test_classifier_encoder_loads_pretrained_params():
         C.load_encoder(params, abstract_encoder_params(tiny(depth=3)))
 
 
+@pytest.mark.slow
 def test_learned_pos_embed_starts_as_the_fixed_table_and_is_trained_without_decay():
     """MAE's fine-tuning ViT learns pos_embed [1, 1+N, D] (loaded from the fixed sin-cos table,
     zero [CLS] row; layer 0 of the lr decay; no weight decay)."""

@@ -146,6 +146,7 @@ def test_local_multiprocess_stops_all_when_one_fails(tmp_path):
     assert '[0] XLA_FLAGS=--xla_force_host_platform_device_count=2' in r.stdout
 
 
+@pytest.mark.slow
 def test_local_multiprocess_trains(tmp_path):
     """Two real processes through colormae_jax.main: jax.distributed from the flags, the data
     prepared once (by process 0, the other waits), 2 steps, a checkpoint of both processes."""

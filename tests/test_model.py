@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colormae_jax import masking
-from colormae_jax import model as M
+from colormae_jax import masking, model as M
 
 
 def tiny(**kw):
@@ -41,6 +40,7 @@ def test_patchify_roundtrip():
     np.testing.assert_array_equal(M.unpatchify(p, 8), x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('image_size,patch,ratio,throw', [(32, 8, 0.75, 0.0), (48, 16, 0.5, 0.25), (28, 4, 0.75, 0.0)])
 def test_shapes(image_size, patch, ratio, throw):
     c = tiny(image_size=image_size, patch=patch)
@@ -79,6 +79,7 @@ def _reference_loss(mae, x, part, n):
     return (per_token * mask).sum() / mask.sum()
 
 
+@pytest.mark.slow
 def test_loss_covers_masked_tokens_only():
     c = tiny(patch=8)
     mae = M.MAE(c, rngs=nnx.Rngs(0))
@@ -88,6 +89,7 @@ def test_loss_covers_masked_tokens_only():
     np.testing.assert_allclose(loss, _reference_loss(mae, x, part, 16), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_thrown_patches_are_never_computed():
     """Changing the pixels of thrown patches changes neither the loss nor any gradient."""
     c = tiny(patch=8)
@@ -117,6 +119,7 @@ def test_norm_pix_switch():
     assert float(l2) > 10 * float(l1)  # raw targets around 5 are far from predictions near 0
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_params():
     c = tiny(dtype=jnp.bfloat16)
     mae = M.MAE(c, rngs=nnx.Rngs(0))
@@ -129,6 +132,7 @@ def test_bf16_compute_keeps_fp32_params():
     assert loss.dtype == jnp.float32 and bool(jnp.isfinite(loss))
 
 
+@pytest.mark.slow
 def test_attention_implementations_agree():
     q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 17, 3, 8))
     ref = M.attention(q, k, v, 'xla')

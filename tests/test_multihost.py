@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from colormae_jax import checkpoint, data, datasets, distributed, errors, main
+
 from helpers import make_folder, smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,6 +294,7 @@ def test_batch_that_does_not_split_over_the_processes_is_refused_before_compilin
                                  process_index=0, process_count=3)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(runs):
     a, r = runs['A'], runs['R']
     assert int(a[0]['step']) == int(r['step']) == 8
@@ -304,6 +306,7 @@ def test_two_processes_equal_one(runs):
     np.testing.assert_allclose(famt_by_example(a), famt_by_example([r]), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_two_processes_resumes_on_one(base, resumed_on_one):
     restored, final = resumed_on_one['restored'], resumed_on_one['final']
     assert int(restored['step']) == 4
@@ -317,6 +320,7 @@ def test_checkpoint_from_two_processes_resumes_on_one(base, resumed_on_one):
     assert int(final['step']) == 8 and len(final['losses']) == 4 and np.isfinite(final['losses']).all()
 
 
+@pytest.mark.slow
 def test_checkpoint_from_one_process_resumes_on_two(base, resumed_on_two):
     b, _ = resumed_on_two
     saved = params_of(read_item(base / 'R', 4, 'state'))
@@ -329,6 +333,7 @@ def test_checkpoint_from_one_process_resumes_on_two(base, resumed_on_two):
     assert b['checkpoints'] == [4, 6]  # B trained on from the restored state and saved at 6
 
 
+@pytest.mark.slow
 def test_dead_process_stops_the_run_and_relaunch_resumes(resumed_on_two):
     b, b2 = resumed_on_two
     assert b['rc0'] != 0
@@ -346,6 +351,7 @@ def test_dead_process_stops_the_run_and_relaunch_resumes(resumed_on_two):
     assert int(final['step']) == 8 and len(final['losses']) == 2 and np.isfinite(final['losses']).all()
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_process_saves_the_same_step_everywhere_and_resumes(runs, preempted):
     p, p2 = preempted
     steps = [int(o['step']) for o in p['outs']]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from colormae_jax import checkpoint, data, main
+
 from helpers import make_folder, smoke_config
 
 
@@ -20,6 +21,7 @@ def folder(tmp_path_factory):
 DEV = jax.devices()[:1]
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(folder, tmp_path):
     root, data_dir = folder
     c = smoke_config(root, data_dir)
@@ -36,6 +38,7 @@ def test_resume_equals_uninterrupted(folder, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, second['state']['params'], full['state']['params'])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(folder, tmp_path, monkeypatch):
     root, data_dir = folder
     c = smoke_config(root, data_dir, **{'ckpt.every_steps': 100})
@@ -56,6 +59,7 @@ def test_sigterm_saves_and_resumes(folder, tmp_path, monkeypatch):
     assert rest['step'] == 12 and len(rest['losses']) == 9
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_is_refused(folder, tmp_path):
     root, data_dir = folder
     main.run(smoke_config(root, data_dir, total_steps=4), str(tmp_path), devices=DEV)
@@ -68,6 +72,7 @@ def test_mismatched_checkpoint_is_refused(folder, tmp_path):
     assert str(tmp_path) in msg
 
 
+@pytest.mark.slow
 def test_nan_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
     root, data_dir = folder
     c = smoke_config(root, data_dir, base_lr=1e12, total_steps=12, warmup_steps=0)
@@ -80,6 +85,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored['state']['params']))
 
 
+@pytest.mark.slow
 def test_gradient_clipping_can_be_turned_on_when_resuming(folder, tmp_path):
     """The NaN message advises setting grad_clip_norm and relaunching: the checkpoint must fit."""
     root, data_dir = folder

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from colormae_jax import main, masking
+
 from helpers import make_folder, smoke_config
 
 TOY = textwrap.dedent('''
@@ -81,6 +82,7 @@ def _config(root, data_dir, **over):
     return c
 
 
+@pytest.mark.slow
 def test_toy_strategy_is_found_trains_and_resumes(toy, tmp_path):
     root = make_folder(tmp_path / 'imgs', per_class=16)
     data_dir = str(tmp_path / 'tfds')

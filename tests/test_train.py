@@ -4,6 +4,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from colormae_jax import masking, model, optim, parallel
 from colormae_jax.tasks import pretrain
@@ -60,6 +61,7 @@ def test_lr_schedule_warmup_then_cosine():
     np.testing.assert_allclose([s(0), s(5), s(10), s(55), s(100)], [0, peak / 2, peak, peak / 2, 0], atol=1e-9)
 
 
+@pytest.mark.slow
 def test_repeated_batch_lowers_loss():
     c = smoke_config(base_lr=0.05)
     _, losses, m = run_steps(c, jax.devices()[:1], synthetic_batch(32), 40)
@@ -67,6 +69,7 @@ def test_repeated_batch_lowers_loss():
     assert np.isfinite(float(m['grad_norm'])) and float(m['lr']) > 0
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
     assert jax.device_count() == 4
     c = smoke_config(base_lr=0.05)
@@ -92,16 +95,18 @@ def without_key_bias(params):
     return jax.tree_util.tree_map_with_path(drop, params)
 
 
+@pytest.mark.slow
 def test_fsdp_shards_params_and_matches():
     c = smoke_config(base_lr=0.05, mesh=(('data', 2), ('fsdp', 2)))
     batch = synthetic_batch(32)
-    s, l, _ = run_steps(c, jax.devices(), batch, 2)
+    s, losses, _ = run_steps(c, jax.devices(), batch, 2)
     kernel = s['params']['encoder']['blocks'][0]['mlp']['fc1']['kernel']
     assert 'fsdp' in str(kernel.sharding.spec)
     _, l1, _ = run_steps(smoke_config(base_lr=0.05), jax.devices()[:1], batch, 2)
-    np.testing.assert_allclose(l, l1, rtol=1e-5)
+    np.testing.assert_allclose(losses, l1, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_step():
     batch = synthetic_batch(8)
     outs = []
@@ -116,9 +121,11 @@ def test_remat_gives_the_same_step():
 
 def test_warmup_longer_than_training_names_the_key_that_was_set():
     import pytest
+
     from colormae_jax import config_lib
     mesh = parallel.make_mesh((('data', -1), ('fsdp', 1)), jax.devices()[:1])
     with pytest.raises(config_lib.ConfigError, match=r'config.warmup_steps: warm-up \(5 steps\) is longer'):
         pretrain.make_trainer(smoke_config(total_steps=2, warmup_steps=5), mesh, steps_per_epoch=10)
     with pytest.raises(config_lib.ConfigError, match=r'config.warmup_epochs: warm-up \(30 steps\) is longer'):
-        pretrain.make_trainer(smoke_config(total_steps=2, warmup_steps=None, warmup_epochs=3.0), mesh, steps_per_epoch=10)
+        pretrain.make_trainer(smoke_config(total_steps=2, warmup_steps=None, warmup_epochs=3.0), mesh,
+                              steps_per_epoch=10)

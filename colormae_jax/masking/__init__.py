@@ -12,10 +12,19 @@ import importlib
 import pkgutil
 from typing import Any, Callable
 
-from colormae_jax.masking.core import (Counts, HostState, Partition, RandomMasking, RunContext, Strategy, counts,
-                                       masked_map, partition)
-from colormae_jax.masking.core import create as _create
-from colormae_jax.masking.core import parse_schedule as _parse_schedule
+from colormae_jax.masking.core import (
+    Counts,
+    HostState,
+    Partition,
+    RandomMasking,
+    RunContext,
+    Strategy,
+    counts,
+    create as _create,
+    masked_map,
+    parse_schedule as _parse_schedule,
+    partition,
+)
 
 Factory = Callable[[str, int, Any], Strategy]
 

@@ -302,7 +302,8 @@ class WeightStore:
         self.table = np.ones((self.rows, self.grid * self.grid), np.float32)
         self.table[ok] = np.asarray(table)[(examples[ok] % p_old) * rows_old + examples[ok] // p_old]
         logging.warning('FAMT weight store written by %d processes (%d rows each) remapped to %d processes (%d rows '
-                        'each; this is process %d).', p_old, rows_old, self.process_count, self.rows, self.process_index)
+                        'each; this is process %d).', p_old, rows_old, self.process_count, self.rows,
+                        self.process_index)
 
 
 def _store_mesh(mesh) -> jax.sharding.Mesh:

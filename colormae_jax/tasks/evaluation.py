@@ -102,10 +102,10 @@ class ClassifierTask:
             logits, stats = self.forward(params, state['stats'], aux, batch, jax.random.fold_in(rng, 2), True)
             return self.loss_fn(logits, batch), (stats, logits)
 
-        (l, (stats, logits)), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
+        (loss_value, (stats, logits)), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
         updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
         params = optax.apply_updates(state['params'], updates)
-        m = {'loss': l, 'lr': self.schedule(state['step']), 'grad_norm': optax.tree.norm(grads)}
+        m = {'loss': loss_value, 'lr': self.schedule(state['step']), 'grad_norm': optax.tree.norm(grads)}
         if 'label' in batch and batch['label'].ndim == 1:
             m['train_top1'] = 100.0 * jnp.mean(logits.argmax(-1) == batch['label'])
         return {'step': state['step'] + 1, 'params': params, 'stats': stats, 'opt_state': opt_state}, m

@@ -12,8 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from colormae_jax import augment, classifier, config_lib, data, optim
-from colormae_jax import model as model_lib
+from colormae_jax import augment, classifier, config_lib, data, model as model_lib, optim
 from colormae_jax.errors import ConfigError
 from colormae_jax.tasks import evaluation
 
@@ -70,11 +69,11 @@ def finetune(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, s
                                        process_index=jax.process_index(), process_count=jax.process_count(),
                                        limit=f.max_test)
 
-    task = evaluation.ClassifierTask(config, mesh, name=f'fine-tuning ({c.width}x{c.depth}, layer decay {f.layer_decay})',
-                          forward=forward, init_vars=lambda: (init_params, stats), tx=tx, schedule=schedule, aux=(),
-                          total_steps=total, steps_per_epoch=spe, eval_batches=eval_batches,
-                          eval_every=max(1, int(round(config.eval_every_epochs * spe))),
-                          loss_fn=lambda logits, batch: augment.soft_cross_entropy(logits, batch['target']),
-                          batch_transform=batch_transform)
+    task = evaluation.ClassifierTask(
+        config, mesh, name=f'fine-tuning ({c.width}x{c.depth}, layer decay {f.layer_decay})', forward=forward,
+        init_vars=lambda: (init_params, stats), tx=tx, schedule=schedule, aux=(), total_steps=total,
+        steps_per_epoch=spe, eval_batches=eval_batches, eval_every=max(1, int(round(config.eval_every_epochs * spe))),
+        loss_fn=lambda logits, batch: augment.soft_cross_entropy(logits, batch['target']),
+        batch_transform=batch_transform)
     res = task.run(workdir, it, stop_after, deadline)
     return dict(res, results={'finetune/top1': task.last.get('top1'), 'finetune/best_top1': task.best['top1']})

@@ -14,8 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colormae_jax import classifier, config_lib, data, datasets, knn, optim
-from colormae_jax import model as model_lib
+from colormae_jax import classifier, config_lib, data, knn, model as model_lib, optim
 from colormae_jax.errors import ConfigError
 from colormae_jax.tasks import evaluation
 
@@ -80,14 +79,14 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
     if mode == 'fast':
         feature_fn = knn.make_feature_fn(c, config.data, mesh)
         tr = knn.extract(feature_fn, enc_params, config.data, split=config.data.split, batch_size=bs, mesh=mesh,
-                     limit=config.probe.max_train)
+                         limit=config.probe.max_train)
         te = knn.extract(feature_fn, enc_params, config.data, split=config.data.eval_split, batch_size=bs, mesh=mesh,
-                     limit=config.probe.max_test)
+                         limit=config.probe.max_test)
         if config.probe.also_knn:
             for p in ('cls', 'mean'):
                 out[f'knn/{p}_top1'] = knn.knn_accuracy(tr[p], tr['label'], te[p], te['label'],
-                                                    num_classes=config.num_classes, k=config.knn.k,
-                                                    temperature=config.knn.temperature)
+                                                        num_classes=config.num_classes, k=config.knn.k,
+                                                        temperature=config.knn.temperature)
         spe = len(tr['label']) // bs
         make_iterator = functools.partial(feature_iterator, tr[pool], tr['label'], batch_size=bs, seed=config.seed)
 
@@ -126,9 +125,10 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
     warmup = config_lib.resolve_steps(config, 'warmup', spe)
     schedule = optim.make_schedule(config, total, warmup)
     eval_every = max(1, int(round(config.eval_every_epochs * spe)))
-    task = evaluation.ClassifierTask(config, mesh, name=f'linear probe ({mode}, {pool})', forward=forward, init_vars=init_vars,
-                          tx=optim.make_lars(schedule, weight_decay=config.wd), schedule=schedule, aux=aux, total_steps=total,
-                          steps_per_epoch=spe, eval_batches=eval_batches, eval_every=eval_every)
+    task = evaluation.ClassifierTask(
+        config, mesh, name=f'linear probe ({mode}, {pool})', forward=forward, init_vars=init_vars,
+        tx=optim.make_lars(schedule, weight_decay=config.wd), schedule=schedule, aux=aux, total_steps=total,
+        steps_per_epoch=spe, eval_batches=eval_batches, eval_every=eval_every)
     res = task.run(workdir, it, stop_after, deadline)
     out.update({'linear/top1': task.last.get('top1'), 'linear/best_top1': task.best['top1']})
     return dict(res, results=out)

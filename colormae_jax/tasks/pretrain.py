@@ -22,8 +22,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from colormae_jax import checkpoint, config_lib, data, datasets, knn, loop, masking, optim, parallel
-from colormae_jax import model as model_lib
+from colormae_jax import checkpoint, config_lib, data, datasets, knn, loop, masking, model as model_lib, optim, parallel
 from colormae_jax.errors import ConfigError
 
 Batch = dict[str, jax.Array]

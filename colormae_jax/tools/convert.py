@@ -9,8 +9,8 @@
 Python: :func:`import_torch` (a ``.pth`` or a state dict -> our params and an :class:`ImportReport`),
 :func:`export_torch` (our params -> a state dict / ``.pth``). Our side is read and written by
 :mod:`colormae_jax.checkpoint` (``save_params`` / ``load_params``: the orbax directory ``import``
-writes; ``load_training_params``: a checkpoint of ``colormae_jax.main``). The key maps, what was verified and what was assumed are in
-``docs/interop.md``.
+writes; ``load_training_params``: a checkpoint of ``colormae_jax.main``). The key maps, what was
+verified and what was assumed are in ``docs/interop.md``.
 
 Every name is mapped through the official MAE key (``models_mae.MaskedAutoencoderViT``): each of our
 parameters has one official key (:func:`official_keys`), and :func:`layout_key` renames an official
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import pickle
@@ -33,7 +32,6 @@ import re
 import sys
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util

@@ -5,13 +5,18 @@ r"""ColorMAE noise banks: write a bank as .npz, and draw the paper's figure.
   # the figure: per colour, sample patterns, the radially averaged power spectrum, and masks at 0.75:
   python -m colormae_jax.tools.noise --figure noise_colours.png --grid 14
 
-Sigmas are in patch-grid cells (defaults: configs/common.py, docs/design.md).
+Sigmas are in patch-grid cells (defaults: colormae_jax/defaults.py, docs/design.md).
 """
 from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+
+from colormae_jax.masking import colour, core
 
 _COLOUR = flags.DEFINE_enum('colour', 'green', ['red', 'blue', 'green', 'purple'], 'Colour of the bank to write.')
 _SIZE = flags.DEFINE_integer('size', 1024, 'Number of patterns L.')
@@ -51,10 +56,6 @@ def figure(path: str, grid: int, ratio: float, side: int, seed: int) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit('the figure needs matplotlib: pip install -e ".[plots]"') from None
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from colormae_jax.masking import colour, core
 
     n_show = 3
     fig, axes = plt.subplots(4, 2 * n_show + 1, figsize=(2.0 * (2 * n_show + 1), 8.4))
@@ -95,8 +96,6 @@ def figure(path: str, grid: int, ratio: float, side: int, seed: int) -> None:
 def main(argv):
     del argv
     check_flags()
-    import jax
-    from colormae_jax.masking import colour
     if _OUT.value:
         bank = colour.generate(jax.random.PRNGKey(_SEED.value), _COLOUR.value, _SIZE.value, _SIDE.value, **sigmas())
         colour.save_bank(_OUT.value, bank)
