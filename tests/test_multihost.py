@@ -109,7 +109,8 @@ class Workers:
 
 def read_item(workdir, step, item) -> dict:
     """A checkpoint item as numpy, {'a/b': array}, whatever the processes that wrote it."""
-    mngr = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')).manager
+    extra = () if item == 'state' else (item,)
+    mngr = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), extra_items=extra).manager
     try:
         meta = mngr.item_metadata(step)[item]
         target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), getattr(meta, 'tree', meta))
