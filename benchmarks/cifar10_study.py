@@ -23,10 +23,14 @@ import time
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
+from colormae_jax import defaults  # noqa: E402
+
 import cifar10  # noqa: E402
 import cifar10_eval  # noqa: E402
 
-STRATEGIES = ('random', 'red', 'blue', 'green', 'purple', 'famt')
+STRATEGIES = ('random', 'red', 'blue', 'green', 'purple', 'amt', 'famt')
+# Arms that are a strategy with settings: AMT is FAMT without the frequency guidance (and with the crop alignment).
+ARMS = {'amt': ('famt', {'mask.famt.freq_weight': 0.0})}
 
 _PRESET = flags.DEFINE_enum('preset', 'smoke', ['smoke', 'full'], 'smoke: CPU minutes; full: one GPU.')
 _STRATEGIES = flags.DEFINE_list('strategies', list(STRATEGIES), f'Subset of {STRATEGIES}, run in this order.')
@@ -49,7 +53,7 @@ PRETRAIN = {
               'mask.famt.update_every_steps': 20, 'mask.famt.update_batch_size': 512},
     'full': {'model.variant': 'Ti/4', 'model.compute_dtype': 'bfloat16', 'batch_size': 256, 'total_epochs': 200.0,
              'warmup_epochs': 10.0, 'data.num_workers': 12, 'knn.every_epochs': 20.0, 'knn.batch_size': 1024,
-             'ckpt.every_steps': 2000, 'log_every_steps': 200, 'mask.famt.warmup_epochs': 40.0,
+             'ckpt.every_steps': 2000, 'log_every_steps': 200, 'mask.famt.warmup_epochs': 41.0,
              'mask.famt.update_every_epochs': 40.0, 'mask.famt.update_batch_size': 1024},
 }
 EVAL = {
@@ -67,11 +71,14 @@ def _set(c, key: str, value) -> None:
     node[leaf] = value
 
 
-def pretrain_config(strategy: str, seed: int):
+def pretrain_config(arm: str, seed: int):
     smoke = _PRESET.value == 'smoke'
+    strategy, settings = ARMS.get(arm, (arm, {}))
     c = cifar10.get_config(f'mask={strategy},root={_ROOT.value}' + (',smoke' if smoke else ''))
-    for k, v in PRETRAIN[_PRESET.value].items():
+    for k, v in {**PRETRAIN[_PRESET.value], **settings}.items():
         _set(c, k, v)
+    if strategy == 'famt':  # AMT's phases: random at 0.75 until the first weight update
+        c.mask.schedule = defaults.famt_schedule('20steps' if smoke else f'{c.mask.famt.warmup_epochs:g}')
     c.seed = seed
     c.data.data_dir = _DATA_DIR.value
     return _apply(c, _OVERRIDES.value)
@@ -205,7 +212,8 @@ def _plot(out: str, results: dict, summary: dict) -> None:
     except ImportError:
         logging.warning('matplotlib is missing (pip install -e ".[plots]"): no plot')
         return
-    colours = {'random': 'grey', 'red': 'red', 'blue': 'blue', 'green': 'green', 'purple': 'purple', 'famt': 'orange'}
+    colours = {'random': 'grey', 'red': 'red', 'blue': 'blue', 'green': 'green', 'purple': 'purple', 'amt': 'brown',
+               'famt': 'orange'}
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     names = [s for s in STRATEGIES if s in summary]
     for j, m in enumerate(('linear/top1', 'knn/cls_top1')):

@@ -75,12 +75,15 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
     _check(0 < ratio < 1, 'mask.ratio', f'must be in (0, 1), got {ratio}')
     throw = config.mask.throw_ratio
     _check(0 <= throw < 1, 'mask.throw_ratio', f'must be in [0, 1), got {throw}')
-    try:
-        masking.counts((size // patch) ** 2, ratio, throw)
-    except ValueError as e:
-        raise ConfigError('mask.ratio', str(e)) from None
-    for _, name in masking.parse_schedule(config.mask):
-        masking.create(config.mask, size // patch, name).check(num_devices)
+    phases = masking.parse_schedule(config.mask)
+    for phase in phases:
+        strategy = masking.create(config.mask, size // patch, phase.name, **phase.ratios())
+        try:
+            strategy.counts
+        except ValueError as e:
+            key = 'mask.schedule' if phase.ratios() or len(phases) > 1 else 'mask.ratio'
+            raise ConfigError(key, f'{phase.name}: {e}') from None
+        strategy.check(num_devices)
     _validate_run(config, num_devices)
     _validate_data(config.data, check_data)
     knn = config.knn

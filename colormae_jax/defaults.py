@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
         strategy='random',          # 'random' | 'red' | 'blue' | 'green' | 'purple' | 'famt'
         ratio=0.75,
         throw_ratio=0.0,
-        schedule='',                # switch by epoch, e.g. 'green,blue@200' (overrides strategy)
+        schedule='',                # phases NAME[:MASK[/THROW]][@START] (overrides strategy): 'green,blue@200',
+                                    # 'random:0.75,famt:0.45/0.40@41' (START in epochs, or e.g. '10steps')
         # ColorMAE noise banks (colour strategies); sigmas in patch-grid cells, see docs/design.md
         noise=ml_collections.ConfigDict(dict(
             bank_size=1024,         # patterns L in the bank (the official banks hold 3072)
@@ -57,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
         )),
         # FAMT (mask.strategy='famt'); its configs set ratio 0.45 and throw_ratio 0.40 (AMT's setting)
         famt=ml_collections.ConfigDict(dict(
-            warmup_epochs=40.0,     # uniform weights (random masking and throwing) before the first update
+            warmup_epochs=41.0,     # the first weight update, before 0-based epoch 41: AMT updates after epoch 40
+                                    # and masks with the weights from epoch 41 (`epoch > 40`); uniform before
             update_every_epochs=40.0,  # recompute the per-example weights this often after that
             freq_weight=0.5,        # 0: attention only, 1: frequency only (docs/design.md)
             freq_sigma=0.5,         # Gaussian low-pass std, in patches
@@ -77,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.base_lr = 1.5e-4              # lr = base_lr * batch_size / 256
     c.min_lr = 0.0
     c.wd = 0.05
+    c.decay_tokens = True           # weight decay on cls_token / mask_token: MAE's and AMT's code (timm's
+                                    # add_weight_decay, no skip list); False: mmpretrain's (ColorMAE's) paramwise_cfg
     c.b1, c.b2 = 0.9, 0.95
     c.grad_clip_norm = 0.0          # 0: off (MAE does not clip)
 
@@ -134,7 +138,14 @@ def eval_config(task: str) -> ml_collections.ConfigDict:
 
 
 def set_mask(c: ml_collections.ConfigDict, mask: str) -> None:
-    """``get_config('mask=...')``: the strategy, with FAMT's ratios (AMT: mask 0.45, throw 0.40)."""
+    """``get_config('mask=...')``: the strategy. ``famt`` is AMT's schedule: random masking at
+    0.75 (nothing thrown) until the first weight update, then FAMT masking 0.45 / throwing 0.40."""
     c.mask.strategy = mask
     if mask == 'famt':
         c.mask.ratio, c.mask.throw_ratio = 0.45, 0.40
+        c.mask.schedule = famt_schedule(f'{c.mask.famt.warmup_epochs:g}')
+
+
+def famt_schedule(start: str) -> str:
+    """AMT's phases with FAMT from ``start`` (an epoch, or ``'Nsteps'``): the first weight update."""
+    return f'random:0.75,famt:0.45/0.40@{start}'

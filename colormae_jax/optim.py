@@ -16,18 +16,21 @@ optional).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import optax
 
 
-def decay_mask(params) -> Any:
-    """Weight decay on matrices only: no decay on biases, norms, tokens or position embeddings
-    (MAE's ``no_weight_decay``; pre-training's are fixed constants, fine-tuning's a parameter)."""
+def decay_mask(params, decay_tokens: bool = False) -> Any:
+    """Weight decay on matrices only: no decay on biases, norms or position embeddings (MAE's
+    ``no_weight_decay``; pre-training's are fixed constants, fine-tuning's a parameter), nor on
+    the [CLS] and mask tokens unless ``decay_tokens`` (MAE's pre-training code decays them:
+    timm's ``add_weight_decay`` without a skip list spares only 1-D parameters)."""
     def keep(path, x):
         name = str(getattr(path[-1], 'key', path[-1]))
-        return x.ndim >= 2 and 'token' not in name and name != 'pos_embed'
+        return x.ndim >= 2 and (decay_tokens or 'token' not in name) and name != 'pos_embed'
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -43,8 +46,8 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
     # Clipping or not, the optimizer state has the same tree (both have an empty state), so a
     # run that diverged can be resumed with grad_clip_norm set.
     clip = optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm else optax.identity()
-    return optax.chain(clip, optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.wd,
-                                         mask=decay_mask))
+    mask = functools.partial(decay_mask, decay_tokens=config.decay_tokens)
+    return optax.chain(clip, optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.wd, mask=mask))
 
 # Names at the top of the encoder whose parameters belong to "layer 0" (the embedding).
 _EMBED_NAMES = ('cls_token', 'pos_embed', 'patch_embed')

@@ -35,6 +35,8 @@ def get_config(arg=None):
         c.image_summary_count = 4
         c.ckpt.every_steps = 10
         c.mask.famt.update(warmup_steps=10, update_every_steps=10)  # FAMT: one weight update, before step 11
+        if a.mask == 'famt':  # random masking at 0.75 for 10 steps, then FAMT
+            c.mask.schedule = defaults.famt_schedule('10steps')
         c.mask.famt.update_batch_size = 256
         c.knn.update(max_train=2000, max_test=500)  # the monitor runs once, at the end
     return c

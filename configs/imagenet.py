@@ -31,4 +31,6 @@ def get_config(arg=None):
         c.log_every_steps = 1
         c.ckpt.every_steps = 2
         c.mask.famt.update(warmup_steps=2, update_every_steps=2)
+        if a.mask == 'famt':
+            c.mask.schedule = defaults.famt_schedule('2steps')
     return c

@@ -79,6 +79,29 @@ def test_counts_exact_and_highest_visible(name):
         assert sorted(np.concatenate([vis, msk]).tolist()) == list(range(64))
 
 
+@pytest.mark.parametrize('name', colour.COLOURS)
+def test_highest_noise_stays_visible_from_bank_to_partition(name):
+    """End to end, independent of ``scores``: a bank of one pattern as large as the grid (one
+    crop, four flips), every value unique; each mask must keep visible exactly the 16 highest
+    cells of one of the four flips of the pattern."""
+    g = 8
+    pattern = np.random.default_rng(0).permutation(g * g).astype(np.float32).reshape(g, g)
+    s = colour.ColourNoiseMasking(name, g, 0.75, side=g)
+    p = jax.jit(lambda k: s(k, {'image': jnp.zeros((64, 1))}, jnp.asarray(pattern[None])))(jax.random.PRNGKey(3))
+    tops = {}
+    for hf in (0, 1):
+        for vf in (0, 1):
+            w = pattern[:, ::-1] if hf else pattern
+            w = w[::-1] if vf else w
+            tops[(hf, vf)] = frozenset(np.argsort(-w.ravel())[:16].tolist())
+    seen = set()
+    for vis in np.asarray(p.visible):
+        flips = [f for f, top in tops.items() if top == frozenset(vis.tolist())]
+        assert len(flips) == 1, 'the visible cells are the 16 highest of one flip of the pattern'
+        seen.add(flips[0])
+    assert seen == set(tops)  # all four flips occur
+
+
 def test_same_key_same_masks_other_key_other_masks():
     s = masking.create(_cfg('green'), grid=8)
     aux = s.init_aux(jax.random.PRNGKey(0))

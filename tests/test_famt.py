@@ -40,7 +40,7 @@ def test_strategy_draw_order_mask_then_throw_then_visible():
     batch = {'image': jnp.zeros((20000, 1)), famt.WEIGHT_KEY: jnp.broadcast_to(jnp.asarray(w), (20000, 16))}
     p = jax.jit(lambda k: s(k, batch, ()))(jax.random.PRNGKey(1))
     c = s.counts
-    assert (c.masked, c.thrown, c.visible) == (7, 6, 3)  # round(16*.45), round(16*.40), the rest
+    assert (c.masked, c.thrown, c.visible) == (7, 6, 3)  # AMT: int(16*.45) masked, 16 - int(16*.85) visible
     first = np.asarray(p.masked[:, -1])
     assert abs((first == 5).mean() - 0.5) < 5 * np.sqrt(0.25 / 20000)
     # a heavy patch is masked far more often than visible
@@ -54,8 +54,8 @@ def test_counts_exact(n, ratio, throw):
     rng = np.random.default_rng(0)
     batch = {'image': jnp.zeros((6, 1)), famt.WEIGHT_KEY: jnp.asarray(rng.random((6, n)), jnp.float32)}
     p = s(jax.random.PRNGKey(0), batch, ())
-    assert p.masked.shape[1] == round(n * ratio) and p.thrown.shape[1] == round(n * throw)
-    assert p.visible.shape[1] == n - round(n * ratio) - round(n * throw)
+    assert p.masked.shape[1] == int(n * ratio)  # AMT: len_mask_tail
+    assert p.visible.shape[1] == n - int(n * (ratio + throw))  # AMT: L - len_keep_head
     for row in np.concatenate([p.visible, p.thrown, p.masked], 1):
         assert sorted(row.tolist()) == list(range(n))
 
@@ -115,6 +115,41 @@ def test_weight_maps_attention_and_frequency_settings():
     a, fr = jnp.asarray([[0.0, 1.0]]), jnp.asarray([[1.0, 0.0]])
     np.testing.assert_allclose(famt.fuse(a, fr, 0.0), a)
     np.testing.assert_allclose(famt.fuse(a, fr, 1.0), fr)
+    np.testing.assert_allclose(famt.fuse(a, fr, 0.3), [[0.3, 0.7]], rtol=1e-6)
+
+
+def test_weight_maps_fuse_attention_and_frequency_at_an_intermediate_weight():
+    c = model.MAEConfig(image_size=16, patch=4, width=32, depth=2, mlp_dim=64, heads=2, dec_width=16, dec_depth=1,
+                        dec_heads=2)
+    from flax import nnx
+    enc = model.MAE(c, rngs=nnx.Rngs(0)).encoder
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16, 3))
+    attn = famt.attention_map(enc.cls_attention(x))
+    freq = famt.frequency_map(x, 4, 0.5 * 4)
+    assert float(jnp.abs(attn - freq).max()) > 0.1  # the two maps differ, so the weight matters
+    for w in (0.0, 0.25, 0.5, 1.0):
+        got = famt.weight_maps(enc, x, patch=4, freq_weight=w, freq_sigma=0.5)
+        np.testing.assert_allclose(got, (1 - w) * attn + w * freq, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_follow_each_examples_own_map():
+    """After an update, example i's weights come back for example i (through the store's rows,
+    on each process's share): a heavy patch at a position that depends on the index is drawn
+    first (masked) for its own example. An index shift in the store fails this."""
+    g, n_ex, procs = 4, 37, 3
+    s = famt.FAMTMasking('famt', g, 0.45, 0.40)
+    for p in range(procs):
+        store = famt.WeightStore(n_ex, g, process_index=p, process_count=procs, pad_to=2)
+        mine = np.arange(p, n_ex, procs)
+        maps = np.full((len(mine), g * g), 1e-3, np.float32)
+        maps[np.arange(len(mine)), (mine * 7) % (g * g)] = 1.0  # the heavy patch of example i: 7 i mod 16
+        store.write(mine, maps)
+        batch_idx = np.random.default_rng(p).permutation(mine)
+        batch = {'image': jnp.zeros((len(batch_idx), 1)),
+                 famt.WEIGHT_KEY: jnp.asarray(store.lookup(batch_idx))}  # what FAMTState.batch_fields adds
+        part = s(jax.random.PRNGKey(p), batch, ())
+        first = np.asarray(part.masked)[:, -1]  # the first patch drawn (lowest score)
+        assert ((first == (batch_idx * 7) % (g * g)).mean()) > 0.9
 
 
 def _step_flops(config):
@@ -195,7 +230,7 @@ def test_bad_famt_configs(folder, tmp_path):
         return str(e.value)
 
     assert 'config.mask.ratio' in err(**{'mask.throw_ratio': 0.55})  # 0.45 + 0.55 >= 1: nothing visible
-    assert 'leave 0 visible' in err(**{'mask.ratio': 0.5, 'mask.throw_ratio': 0.495})  # 8x8: 32 + 32 + 0
+    assert 'and 0 masked' in err(**{'mask.ratio': 0.01, 'mask.throw_ratio': 0.4})  # 8x8: int(0.64) = 0 masked
     assert 'config.mask.famt.update_every_steps: must be >= 1' in err(**{'mask.famt.update_every_steps': 0})
     assert 'config.mask.famt.warmup_steps: must be >= 0' in err(**{'mask.famt.warmup_steps': -1})
     assert 'after training ends' in err(**{'mask.famt.warmup_steps': 12})
@@ -245,3 +280,25 @@ def test_reconstruction_picture_leaves_thrown_patches_blank(folder):
         np.testing.assert_array_equal(recon[i, thr], hidden[i, thr])  # thrown: blank, as in the visible panel
         assert np.abs(recon[i, thr] - inp[i, thr]).max() > 50
         assert not np.array_equal(recon[i, msk], hidden[i, msk])  # masked: predicted
+
+
+def test_famt_config_runs_amts_phases_and_logs_them(folder, tmp_path, caplog):
+    """``mask=famt``: random masking at 0.75 (nothing thrown) until the first weight update, then
+    FAMT 0.45 / 0.40 (AMT's counts on 8x8: 28 masked, 26 thrown, 10 visible)."""
+    import logging
+
+    import cifar10
+    root, data_dir = folder
+    c = cifar10.get_config('mask=famt,smoke')
+    assert c.mask.schedule == 'random:0.75,famt:0.45/0.40@10steps' and c.mask.famt.warmup_steps == 10
+    c = override(c, **{'data.root': root, 'data.data_dir': data_dir, 'batch_size': 8, 'total_steps': 12,
+                       'knn.every_epochs': 0.0, 'image_summary_every_epochs': 0.0, 'mask.famt.update_batch_size': 8,
+                       'ckpt.every_steps': 100})
+    with caplog.at_level(logging.INFO):
+        out = main.run(c, str(tmp_path / 'w'), devices=jax.devices()[:1])
+    assert out['step'] == 12 and np.isfinite(out['losses']).all()
+    text = caplog.text
+    assert "Masking with 'random' (mask 0.75, throw 0: 16 visible, 48 masked, 0 thrown of 64) from step 1" in text
+    assert "Masking with 'famt' (mask 0.45, throw 0.4: 10 visible, 28 masked, 26 thrown of 64) from step 11" in text
+    assert 'FAMT weights of 32 examples updated before step 11' in text
+    assert 'uniform weights' not in text  # FAMT never masks before its first update here

@@ -46,7 +46,7 @@ def test_shapes(image_size, patch, ratio, throw):
     c = tiny(image_size=image_size, patch=patch)
     mae = M.MAE(c, rngs=nnx.Rngs(0))
     n = c.num_patches
-    cnt = masking.counts(n, ratio, throw)
+    cnt = masking.amt_counts(n, ratio, throw) if throw else masking.mae_counts(n, ratio)
     x = jnp.zeros((3, image_size, image_size, 3))
     part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (3, n)), cnt)
     latent = mae.encoder(x, part.visible)
@@ -64,6 +64,33 @@ def test_cls_attention_is_a_distribution_over_patches_and_cls():
     enc = M.MAE(c, rngs=nnx.Rngs(0)).encoder
     a = enc.cls_attention(jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3)))
     assert bool(jnp.all(a > 0)) and bool(jnp.all(a.sum(-1) < 1.0))  # the rest is attention to [CLS] itself
+
+
+def test_cls_attention_is_the_last_blocks_cls_row():
+    """FAMT's map: the [CLS] row of the last block's attention. Checked against what that
+    block computes: its attention output at [CLS] is these probabilities times its values
+    (with 1 - sum for [CLS] itself), through the block's own attention code path."""
+    c = tiny(depth=3)
+    enc = M.MAE(c, rngs=nnx.Rngs(0)).encoder
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    a = enc.cls_attention(x)  # [B, heads, N]
+    h = enc.embed(x, None)
+    for block in enc.blocks[:-1]:
+        h = block(h)
+    last = enc.blocks[-1]
+    h = last.norm1(h)
+    out = last.attn(h)[:, 0]  # the block's attention output at [CLS], [B, D]
+    b, n, d = h.shape
+    v = M.dense_tokens(last.attn.qkv, h).reshape(b, n, 3, c.heads, d // c.heads)[:, :, 2]
+    probs = jnp.concatenate([1 - a.sum(-1, keepdims=True), a], axis=-1)  # [B, heads, 1 + N]
+    z = jnp.einsum('bhk,bkhd->bhd', probs, v).reshape(b, d)
+    np.testing.assert_allclose(M.dense_tokens(last.attn.proj, z[:, None])[:, 0], out, atol=2e-5)
+    # another row (patch 0's) or another block's attention does not reproduce it
+    first = enc.blocks[0]
+    wrong = first.attn.cls_attention(first.norm1(enc.embed(x, None)))
+    probs = jnp.concatenate([1 - wrong.sum(-1, keepdims=True), wrong], axis=-1)
+    z = jnp.einsum('bhk,bkhd->bhd', probs, v).reshape(b, d)
+    assert float(jnp.abs(M.dense_tokens(last.attn.proj, z[:, None])[:, 0] - out).max()) > 1e-3
 
 
 def _reference_loss(mae, x, part, n):
@@ -84,7 +111,7 @@ def test_loss_covers_masked_tokens_only():
     c = tiny(patch=8)
     mae = M.MAE(c, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.counts(16, 0.5, 0.25))
+    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.amt_counts(16, 0.5, 0.25))
     loss, _ = mae(x, part)
     np.testing.assert_allclose(loss, _reference_loss(mae, x, part, 16), rtol=1e-5)
 
@@ -95,7 +122,7 @@ def test_thrown_patches_are_never_computed():
     c = tiny(patch=8)
     graphdef, params = nnx.split(M.MAE(c, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.counts(16, 0.5, 0.25))
+    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.amt_counts(16, 0.5, 0.25))
     patches = M.patchify(x, 8)
     rows = jnp.arange(2)[:, None]
     x2 = M.unpatchify(patches.at[rows, part.thrown].add(100.0), 8)
@@ -113,7 +140,7 @@ def test_thrown_patches_are_never_computed():
 def test_norm_pix_switch():
     c1, c2 = tiny(norm_pix_loss=True), tiny(norm_pix_loss=False)
     x = 5.0 + jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.counts(16, 0.75))
+    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.mae_counts(16, 0.75))
     l1 = M.MAE(c1, rngs=nnx.Rngs(0))(x, part)[0]
     l2 = M.MAE(c2, rngs=nnx.Rngs(0))(x, part)[0]
     assert float(l2) > 10 * float(l1)  # raw targets around 5 are far from predictions near 0
@@ -126,7 +153,7 @@ def test_bf16_compute_keeps_fp32_params():
     _, params = nnx.split(mae)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.counts(16, 0.75))
+    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.mae_counts(16, 0.75))
     assert mae.encoder(x, part.visible).dtype == jnp.bfloat16
     loss, pred = mae(x, part)
     assert loss.dtype == jnp.float32 and bool(jnp.isfinite(loss))
@@ -167,6 +194,6 @@ def test_abstract_and_initial_params():
     assert not np.array_equal(M.init_mae_params(c, seed=4)['encoder']['cls_token'], params['encoder']['cls_token'])
     # The graphdef runs with the pure dict.
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.counts(16, 0.75))
+    part = masking.partition(jax.random.uniform(jax.random.PRNGKey(1), (2, 16)), masking.mae_counts(16, 0.75))
     loss, _ = nnx.merge(graphdef, params)(x, part)
     np.testing.assert_array_equal(loss, M.MAE(c, rngs=nnx.Rngs(3))(x, part)[0])

@@ -129,3 +129,21 @@ def test_warmup_longer_than_training_names_the_key_that_was_set():
     with pytest.raises(config_lib.ConfigError, match=r'config.warmup_epochs: warm-up \(30 steps\) is longer'):
         pretrain.make_trainer(smoke_config(total_steps=2, warmup_steps=None, warmup_epochs=3.0), mesh,
                               steps_per_epoch=10)
+
+
+@pytest.mark.parametrize('decay_tokens', [True, False])
+def test_token_weight_decay_follows_the_config(decay_tokens):
+    """MAE's and AMT's code decay cls_token and mask_token (timm's add_weight_decay, no skip
+    list); mmpretrain (ColorMAE) does not. Zero gradients: only weight decay moves a parameter."""
+    c = smoke_config(decay_tokens=decay_tokens, wd=0.5, warmup_steps=0)
+    _, abstract = model.abstract_mae(model.mae_config(c.model, c.data.image_size))
+    mask = optim.decay_mask(abstract, decay_tokens=decay_tokens)
+    assert mask['encoder']['cls_token'] is decay_tokens and mask['decoder']['mask_token'] is decay_tokens
+    params = model.init_mae_params(model.mae_config(c.model, c.data.image_size), 0)
+    tx = optim.make_optimizer(c, optim.make_schedule(c, 10, 0))
+    grads = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    moved = {k: bool(np.abs(np.asarray(updates[p][k])).max() > 0) for p, k in (('encoder', 'cls_token'),
+                                                                             ('decoder', 'mask_token'))}
+    assert moved == {'cls_token': decay_tokens, 'mask_token': decay_tokens}
+    assert bool(np.abs(np.asarray(updates['encoder']['norm']['scale'])).max() == 0)  # norms: never decayed

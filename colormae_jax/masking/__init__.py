@@ -1,7 +1,8 @@
 """Masking: one interface (:mod:`.core`) and the strategies that plug into it.
 
 A strategy lives in one module of this package that defines ``STRATEGIES``, a dict
-``{name: factory(name, grid, mask_cfg) -> Strategy}``: ``random`` (:mod:`.core`), the
+``{name: factory(name, grid, mask_cfg, **ratios) -> Strategy}`` (``ratios``: a schedule
+phase's ``mask_ratio`` / ``throw_ratio``, when it sets them): ``random`` (:mod:`.core`), the
 ColorMAE colours ``red``, ``blue``, ``green``, ``purple`` (:mod:`.colour`) and ``famt``
 (:mod:`.famt`). :func:`strategies` finds them by listing the package, so a new strategy is
 one new file (and its config section) and nothing registers itself on import.
@@ -10,23 +11,25 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable
+from typing import Callable
 
 from colormae_jax.masking.core import (
     Counts,
     HostState,
     Partition,
+    Phase,
     RandomMasking,
     RunContext,
     Strategy,
-    counts,
+    amt_counts,
     create as _create,
+    mae_counts,
     masked_map,
     parse_schedule as _parse_schedule,
     partition,
 )
 
-Factory = Callable[[str, int, Any], Strategy]
+Factory = Callable[..., Strategy]
 
 
 def strategies() -> dict[str, Factory]:
@@ -45,15 +48,16 @@ def names() -> list[str]:
     return sorted(strategies())
 
 
-def create(mask_cfg, grid: int, name: str | None = None) -> Strategy:
-    """The strategy ``name`` (default ``mask_cfg.strategy``) built from ``config.mask``."""
-    return _create(mask_cfg, grid, name, strategies())
+def create(mask_cfg, grid: int, name: str | None = None, **ratios) -> Strategy:
+    """The strategy ``name`` (default ``mask_cfg.strategy``) built from ``config.mask``;
+    ``ratios`` (``mask_ratio``, ``throw_ratio``) override the config's."""
+    return _create(mask_cfg, grid, name, strategies(), **ratios)
 
 
-def parse_schedule(mask_cfg) -> list[tuple[float, str]]:
-    """``config.mask.schedule`` -> [(start_epoch, strategy name), ...] (see :func:`core.parse_schedule`)."""
+def parse_schedule(mask_cfg) -> list[Phase]:
+    """``config.mask.schedule`` -> its phases (see :func:`core.parse_schedule`)."""
     return _parse_schedule(mask_cfg, names())
 
 
-__all__ = ['Counts', 'HostState', 'Partition', 'RandomMasking', 'RunContext', 'Strategy', 'counts', 'create',
-           'masked_map', 'names', 'parse_schedule', 'partition', 'strategies']
+__all__ = ['Counts', 'HostState', 'Partition', 'Phase', 'RandomMasking', 'RunContext', 'Strategy', 'amt_counts',
+           'mae_counts', 'create', 'masked_map', 'names', 'parse_schedule', 'partition', 'strategies']

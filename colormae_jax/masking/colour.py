@@ -202,8 +202,9 @@ def default_side(grid: int) -> int:
     return max(64, 2 * grid)
 
 
-def _factory(name: str, grid: int, cfg: Any) -> ColourNoiseMasking:
-    return core.from_config(ColourNoiseMasking, name, grid, cfg, 'noise', side=cfg.noise.side or default_side(grid))
+def _factory(name: str, grid: int, cfg: Any, **ratios) -> ColourNoiseMasking:
+    return core.from_config(ColourNoiseMasking, name, grid, cfg, 'noise', side=cfg.noise.side or default_side(grid),
+                            **ratios)
 
 
 STRATEGIES = dict.fromkeys(COLOURS, _factory)

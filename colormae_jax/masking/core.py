@@ -20,6 +20,7 @@ masking strategy").
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -43,18 +44,27 @@ class Counts:
     masked: int
 
 
-def counts(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -> Counts:
-    """Static token counts. masked = round(r*N) (MAE keeps int(N*(1-r)) visible; same for
-    the grids used here), thrown = round(t*N), visible = the rest, at least one."""
-    masked = int(round(num_patches * mask_ratio))
-    thrown = int(round(num_patches * throw_ratio))
-    visible = num_patches - masked - thrown
-    if visible < 1 or masked < 1:
+def _checked(c: Counts, mask_ratio: float, throw_ratio: float) -> Counts:
+    if c.visible < 1 or c.masked < 1:
         raise ValueError(
-            f'mask_ratio={mask_ratio} and throw_ratio={throw_ratio} on {num_patches} patches leave '
-            f'{visible} visible and {masked} masked tokens; both must be at least 1 '
-            f'(keep mask_ratio + throw_ratio < 1 - 1/{num_patches}).')
-    return Counts(num_patches, visible, thrown, masked)
+            f'mask_ratio={mask_ratio} and throw_ratio={throw_ratio} on {c.num_patches} patches leave '
+            f'{c.visible} visible and {c.masked} masked tokens; both must be at least 1 '
+            f'(keep mask_ratio + throw_ratio < 1 - 1/{c.num_patches}).')
+    return c
+
+
+def mae_counts(num_patches: int, mask_ratio: float) -> Counts:
+    """MAE's (and ColorMAE's) counts: ``len_keep = int(N * (1 - mask_ratio))`` visible, the rest masked."""
+    visible = int(num_patches * (1 - mask_ratio))
+    return _checked(Counts(num_patches, visible, 0, num_patches - visible), mask_ratio, 0.0)
+
+
+def amt_counts(num_patches: int, mask_ratio: float, throw_ratio: float) -> Counts:
+    """AMT's counts: ``int(N * mask_ratio)`` masked, ``N - int(N * (mask_ratio + throw_ratio))``
+    visible, the rest thrown."""
+    masked = int(num_patches * mask_ratio)
+    visible = num_patches - int(num_patches * (mask_ratio + throw_ratio))
+    return _checked(Counts(num_patches, visible, num_patches - masked - visible, masked), mask_ratio, throw_ratio)
 
 
 def partition(scores: jax.Array, c: Counts) -> Partition:
@@ -130,7 +140,9 @@ class Strategy:
 
     @property
     def counts(self) -> Counts:
-        return counts(self.grid * self.grid, self.mask_ratio, self.throw_ratio)
+        """MAE's formula; with throwing (AMT's idea) AMT's. A strategy may use its paper's own."""
+        n = self.grid * self.grid
+        return amt_counts(n, self.mask_ratio, self.throw_ratio) if self.throw_ratio else mae_counts(n, self.mask_ratio)
 
     def check(self, num_devices: int) -> None:
         """Raises :class:`ConfigError` for settings that cannot work (before compiling)."""
@@ -162,51 +174,92 @@ class RandomMasking(Strategy):
 
 def from_config(cls: type, name: str, grid: int, mask_cfg, section: str | None = None, **fixed) -> Strategy:
     """``cls(name, grid, mask.ratio, mask.throw_ratio, ...)`` with every other dataclass field
-    of ``cls`` that ``mask_cfg[section]`` sets (the rest keep their defaults), then ``fixed``."""
+    of ``cls`` that ``mask_cfg[section]`` sets (the rest keep their defaults), then ``fixed``
+    (a schedule phase's own ratios come in ``fixed`` as ``mask_ratio`` / ``throw_ratio``)."""
     sub = mask_cfg.get(section) if section else None
     base = {'name', 'grid', 'mask_ratio', 'throw_ratio'}
     kw = {f.name: sub[f.name] for f in dataclasses.fields(cls)
           if sub is not None and f.name not in base and f.name in sub}
-    kw.update(fixed)
-    return cls(name, grid, mask_cfg.ratio, mask_cfg.throw_ratio, **kw)
+    kw = {'mask_ratio': mask_cfg.ratio, 'throw_ratio': mask_cfg.throw_ratio, **kw, **fixed}
+    return cls(name, grid, **kw)
 
 
-STRATEGIES = {'random': lambda name, grid, cfg: from_config(RandomMasking, name, grid, cfg)}
+STRATEGIES = {'random': lambda name, grid, cfg, **ratios: from_config(RandomMasking, name, grid, cfg, **ratios)}
 
 
 def create(mask_cfg, grid: int, name: str | None = None,
-           factories: dict[str, Callable[[str, int, Any], Strategy]] | None = None) -> Strategy:
+           factories: dict[str, Callable[..., Strategy]] | None = None, **ratios) -> Strategy:
     """Build a strategy from ``config.mask``. ``name`` overrides ``mask_cfg.strategy``
-    (used by epoch schedules); ``factories``: the strategies to choose from
-    (:func:`colormae_jax.masking.strategies`)."""
+    (used by schedules), ``ratios`` (``mask_ratio``, ``throw_ratio``) the config's ratios;
+    ``factories``: the strategies to choose from (:func:`colormae_jax.masking.strategies`)."""
     name = name or mask_cfg.strategy
     if name not in factories:
         raise ConfigError('mask.strategy', f'{name!r} is unknown; valid: {sorted(factories)}')
-    return factories[name](name, grid, mask_cfg)
+    return factories[name](name, grid, mask_cfg, **ratios)
 
 
-def parse_schedule(mask_cfg, names: list[str]) -> list[tuple[float, str]]:
-    """``config.mask.schedule`` -> [(start_epoch, strategy), ...], sorted, starting at 0.
+class Phase(NamedTuple):
+    """One entry of ``config.mask.schedule``."""
+    name: str
+    start: float                # in epochs, or in steps when ``in_steps``
+    in_steps: bool = False
+    mask_ratio: float | None = None   # None: mask.ratio and mask.throw_ratio
+    throw_ratio: float | None = None  # None with a mask ratio: 0
+
+    def ratios(self) -> dict:
+        """The ratios this phase sets, as :func:`create` takes them: none, or both."""
+        if self.mask_ratio is None:
+            return {}
+        return {'mask_ratio': self.mask_ratio, 'throw_ratio': self.throw_ratio or 0.0}
+
+    def start_step(self, steps_per_epoch: int) -> int:
+        return int(self.start) if self.in_steps else int(round(self.start * steps_per_epoch))
+
+    def describe(self, s: Strategy) -> str:
+        return f'{s.name!r} (mask {s.mask_ratio:g}, throw {s.throw_ratio:g}: {s.counts.visible} visible, ' \
+               f'{s.counts.masked} masked, {s.counts.thrown} thrown of {s.counts.num_patches})'
+
+
+_ENTRY = re.compile(r'(?P<name>\w+)(?::(?P<mask>[0-9.eE+-]+)(?:/(?P<throw>[0-9.eE+-]+))?)?'
+                    r'(?:@(?P<start>[0-9.eE+-]+)(?P<steps>steps)?)?')
+SCHEDULE_SYNTAX = ("NAME[:MASK[/THROW]][@START], START in epochs or 'Nsteps', e.g. 'green,blue@200' or "
+                   "'random:0.75,famt:0.45/0.40@40'")
+
+
+def parse_schedule(mask_cfg, names: list[str]) -> list[Phase]:
+    """``config.mask.schedule`` -> the phases, in order, the first starting at 0.
 
     ``'green,blue@200'`` is green from epoch 0 and blue from epoch 200 (ColorMAE's epoch
-    hook). An empty schedule is ``mask.strategy`` throughout.
+    hook); ``'random:0.75,famt:0.45/0.40@40'`` is random masking at 0.75 for 40 epochs, then
+    FAMT masking 0.45 and throwing 0.40 (AMT); ``famt@10steps`` starts at step 10. A phase
+    without ratios takes ``mask.ratio`` / ``mask.throw_ratio``; one with a mask ratio and no
+    throw ratio throws nothing. An empty schedule is ``mask.strategy`` throughout.
     """
     text = mask_cfg.schedule.strip()
     if not text:
-        return [(0.0, mask_cfg.strategy)]
+        return [Phase(mask_cfg.strategy, 0.0)]
     out = []
     for i, item in enumerate(t.strip() for t in text.split(',')):
-        name, at, epoch = item.partition('@')
+        m = _ENTRY.fullmatch(item)
         try:
-            start = float(epoch) if at else 0.0
+            if m is None:
+                raise ValueError
+            start = float(m['start']) if m['start'] else 0.0
+            phase = Phase(m['name'], start, bool(m['steps']), float(m['mask']) if m['mask'] else None,
+                          float(m['throw']) if m['throw'] else None)
         except ValueError:
-            raise ConfigError('mask.schedule', f'{item!r}: expected NAME or NAME@EPOCH, e.g. '
-                                                   f"'green,blue@200'") from None
-        if name not in names:
-            raise ConfigError('mask.schedule', f'{name!r} is unknown; valid: {sorted(names)}')
+            raise ConfigError('mask.schedule', f'{item!r}: expected {SCHEDULE_SYNTAX}') from None
+        if phase.name not in names:
+            raise ConfigError('mask.schedule', f'{phase.name!r} is unknown; valid: {sorted(names)}')
+        if phase.in_steps and start != int(start):
+            raise ConfigError('mask.schedule', f'{item!r}: a start in steps is a whole number')
+        if phase.mask_ratio is not None and not 0 < phase.mask_ratio < 1:
+            raise ConfigError('mask.schedule', f'{item!r}: the mask ratio must be in (0, 1)')
+        if phase.throw_ratio is not None and not 0 <= phase.throw_ratio < 1:
+            raise ConfigError('mask.schedule', f'{item!r}: the throw ratio must be in [0, 1)')
         if (i == 0) != (start == 0):
-            raise ConfigError('mask.schedule', f'the first entry starts at epoch 0 and only the first; got {text!r}')
-        if out and start <= out[-1][0]:
-            raise ConfigError('mask.schedule', f'epochs must increase; got {text!r}')
-        out.append((start, name))
+            raise ConfigError('mask.schedule', f'the first entry starts at 0 and only the first; got {text!r}')
+        if out and out[-1].in_steps == phase.in_steps and start <= out[-1].start:
+            raise ConfigError('mask.schedule', f'the starts must increase; got {text!r}')
+        out.append(phase)
     return out

@@ -137,6 +137,10 @@ class FAMTMasking(core.Strategy):
                  else int(round(self.update_every_epochs * steps_per_epoch)))
         return first, every
 
+    @property
+    def counts(self) -> core.Counts:
+        return core.amt_counts(self.grid * self.grid, self.mask_ratio, self.throw_ratio)  # AMT's, throw or not
+
     def check(self, num_devices: int) -> None:
         bs = self.update_batch_size  # 0: the training batch size
         if bs and not (isinstance(bs, int) and bs > 0):
@@ -204,8 +208,8 @@ class FAMTMasking(core.Strategy):
         return FAMTState(self, run)
 
 
-def _factory(name: str, grid: int, cfg: Any) -> FAMTMasking:
-    return core.from_config(FAMTMasking, name, grid, cfg, 'famt')
+def _factory(name: str, grid: int, cfg: Any, **ratios) -> FAMTMasking:
+    return core.from_config(FAMTMasking, name, grid, cfg, 'famt', **ratios)
 
 
 STRATEGIES = {'famt': _factory}
@@ -336,6 +340,11 @@ class FAMTState(core.HostState):
         self.f, self.run = f, run
         f.check_schedule(run.steps_per_epoch, run.total_steps)
         self.update_steps = self._useful(f.update_steps(run.steps_per_epoch, run.total_steps))
+        first, _ = f._first_and_every(run.steps_per_epoch)
+        if run.active[0][0] < first:
+            logging.warning('FAMT masks from step %d with uniform weights (random masking and throwing) until its '
+                            'first weight update before step %d; AMT runs random masking at 0.75 until then '
+                            "(mask.schedule='random:0.75,famt@...').", run.active[0][0] + 1, first + 1)
         self.store = WeightStore(datasets.num_examples(run.config.data), run.model.grid, jax.process_index(),
                                  jax.process_count(), pad_to=len(run.mesh.local_devices))
         self._weights_fn = None

@@ -155,18 +155,18 @@ class MaskPhases:
 
     def __init__(self, t: Trainer):
         self.t = t
-        self.starts, self.strategies = [], []
-        for i, (epoch, name) in enumerate(masking.parse_schedule(t.config.mask)):
-            start = int(round(epoch * t.steps_per_epoch))
+        self.starts, self.strategies, self.phases = [], [], masking.parse_schedule(t.config.mask)
+        for i, phase in enumerate(self.phases):
+            start, name = phase.start_step(t.steps_per_epoch), phase.name
+            at = f'step {int(phase.start)}' if phase.in_steps else f'epoch {phase.start:g} (step {start})'
             if i and start >= t.total_steps:
-                raise ConfigError('mask.schedule', f'{name!r} starts at epoch {epoch:g} (step {start}), at or after '
-                                                   f'the end of training (step {t.total_steps})')
+                raise ConfigError('mask.schedule', f'{name!r} starts at {at}, at or after the end of training '
+                                                   f'(step {t.total_steps})')
             if i and start <= self.starts[-1]:
-                raise ConfigError('mask.schedule', f'{name!r} at epoch {epoch:g} starts at step {start}, which leaves '
-                                                   f'no step to the entry before it ({t.steps_per_epoch} steps per '
-                                                   f'epoch); space them out')
+                raise ConfigError('mask.schedule', f'{name!r} at {at} leaves no step to the entry before it '
+                                                   f'({t.steps_per_epoch} steps per epoch); space them out')
             self.starts.append(start)
-            self.strategies.append(masking.create(t.config.mask, t.mae.grid, name))
+            self.strategies.append(masking.create(t.config.mask, t.mae.grid, name, **phase.ratios()))
         self._built: dict[masking.Strategy, tuple] = {}
         ends = self.starts[1:] + [t.total_steps]
         self.states: dict[str, masking.HostState] = {}
@@ -233,8 +233,8 @@ class PretrainTask:
         built = self.phases.get(i)
         if i != self._phase:
             self._phase = i
-            logging.info('Masking with %r from step %d (epoch %.2f).', built[0].name, step0 + 1,
-                         step0 / self.steps_per_epoch)
+            logging.info('Masking with %s from step %d (epoch %.2f).', self.phases.phases[i].describe(built[0]),
+                         step0 + 1, step0 / self.steps_per_epoch)
         return built
 
     def before_step(self, step0: int, state, writer, progress) -> None:
