@@ -77,11 +77,12 @@ def pretrain_config(arm: str, seed: int):
     c = cifar10.get_config(f'mask={strategy},root={_ROOT.value}' + (',smoke' if smoke else ''))
     for k, v in {**PRETRAIN[_PRESET.value], **settings}.items():
         _set(c, k, v)
-    if strategy == 'famt':  # AMT's phases: random at 0.75 until the first weight update
-        c.mask.schedule = defaults.famt_schedule('20steps' if smoke else f'{c.mask.famt.warmup_epochs:g}')
     c.seed = seed
     c.data.data_dir = _DATA_DIR.value
-    return _apply(c, _OVERRIDES.value)
+    c = _apply(c, _OVERRIDES.value)
+    if strategy == 'famt' and not any(o.startswith('mask.schedule=') for o in _OVERRIDES.value):
+        c.mask.schedule = defaults.famt_schedule(c.mask.famt)  # AMT's phases, FAMT from the first weight update
+    return c
 
 
 def _apply(c, items):

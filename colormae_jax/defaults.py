@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
             sigma1=0.8,             # green = G_sigma1 * W - G_sigma2 * W; purple = W - green
             sigma2=2.0,
             path='',                # an .npz bank [L, H, W] instead of generating; '{colour}' is substituted
+            per_image=True,         # a pattern, crop and flips per image (our reading of the paper); False: the
+                                    # official code's: patterns in bank order, one crop and flips per batch
         )),
         # FAMT (mask.strategy='famt'); its configs set ratio 0.45 and throw_ratio 0.40 (AMT's setting)
         famt=ml_collections.ConfigDict(dict(
@@ -143,9 +145,10 @@ def set_mask(c: ml_collections.ConfigDict, mask: str) -> None:
     c.mask.strategy = mask
     if mask == 'famt':
         c.mask.ratio, c.mask.throw_ratio = 0.45, 0.40
-        c.mask.schedule = famt_schedule(f'{c.mask.famt.warmup_epochs:g}')
+        c.mask.schedule = famt_schedule(c.mask.famt)
 
 
-def famt_schedule(start: str) -> str:
-    """AMT's phases with FAMT from ``start`` (an epoch, or ``'Nsteps'``): the first weight update."""
+def famt_schedule(famt) -> str:
+    """AMT's phases, FAMT from its first weight update (``famt``: ``config.mask.famt``)."""
+    start = f'{famt.warmup_steps}steps' if famt.warmup_steps is not None else f'{famt.warmup_epochs:g}'
     return f'random:0.75,famt:0.45/0.40@{start}'

@@ -14,7 +14,6 @@ def get_config(arg=None):
     c.data.image_size = 32
     c.model.variant = a.variant
     c.model.decoder.update(width=128, depth=4, heads=4)
-    defaults.set_mask(c, a.mask)
     c.batch_size = 256
     c.total_epochs = 200.0
     c.warmup_epochs = 10.0
@@ -35,8 +34,7 @@ def get_config(arg=None):
         c.image_summary_count = 4
         c.ckpt.every_steps = 10
         c.mask.famt.update(warmup_steps=10, update_every_steps=10)  # FAMT: one weight update, before step 11
-        if a.mask == 'famt':  # random masking at 0.75 for 10 steps, then FAMT
-            c.mask.schedule = defaults.famt_schedule('10steps')
         c.mask.famt.update_batch_size = 256
         c.knn.update(max_train=2000, max_test=500)  # the monitor runs once, at the end
+    defaults.set_mask(c, a.mask)  # last: mask=famt starts FAMT at the first weight update
     return c

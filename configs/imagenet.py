@@ -18,7 +18,6 @@ def get_config(arg=None):
     c.model.variant = a.variant
     c.data.eval_split = 'validation'
     c.model.compute_dtype = 'bfloat16'
-    defaults.set_mask(c, a.mask)
     c.ckpt.every_steps = 2000
     if a.smoke:
         c.data.image_size = 64
@@ -31,6 +30,5 @@ def get_config(arg=None):
         c.log_every_steps = 1
         c.ckpt.every_steps = 2
         c.mask.famt.update(warmup_steps=2, update_every_steps=2)
-        if a.mask == 'famt':
-            c.mask.schedule = defaults.famt_schedule('2steps')
+    defaults.set_mask(c, a.mask)  # last: mask=famt starts FAMT at the first weight update
     return c

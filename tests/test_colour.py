@@ -145,6 +145,24 @@ def test_crops_and_flips_of_a_known_bank():
     assert sorted(w.ravel()) == sorted(expect.ravel())
 
 
+def test_official_sampling_patterns_in_order_one_crop_per_batch():
+    """``mask.noise.per_image=False``, the official code's: image i takes pattern i mod L, and
+    the images of each block of L share one crop offset and one pair of flips."""
+    g = 3
+    bank = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6)
+    table = _all_windows(bank, g)
+    s = colour.ColourNoiseMasking('green', g, 0.75, per_image=False)
+    blocks = set()
+    for seed in range(6):
+        wins = np.asarray(s.windows(jax.random.PRNGKey(seed), 5, jnp.asarray(bank)))
+        hits = [[t[:5] for t in table if np.array_equal(t[5], w)][0] for w in wins]
+        assert [h[0] for h in hits] == [0, 1, 0, 1, 0]  # patterns in bank order
+        for a, b in ((0, 1), (2, 3)):
+            assert hits[a][1:] == hits[b][1:]  # one offset and flips per block of L = 2 images
+        blocks.update(h[1:] for h in hits)
+    assert len(blocks) > 3  # the shared crop changes between batches (and blocks)
+
+
 def test_generated_bank_crops_wrap_seamlessly():
     s = masking.create(_cfg('red', bank_size=2, side=8), grid=4)
     raw = np.asarray(s.make_bank(jax.random.PRNGKey(0)))
@@ -197,7 +215,7 @@ def test_bad_noise_configs(tmp_path, folder):
     np.savez(tmp_path / 'small.npz', np.ones((2, 6, 6)))
     assert 'smaller than the 8x8 patch grid' in _bad(tmp_path, folder,
                                                      **{'mask.noise.path': str(tmp_path / 'small.npz')})
-    assert 'epochs must increase' in _bad(tmp_path, folder, **{'mask.schedule': 'green,blue@2,red@1'})
+    assert 'the starts must increase' in _bad(tmp_path, folder, **{'mask.schedule': 'green,blue@2,red@1'})
     assert "'teal' is unknown" in _bad(tmp_path, folder, **{'mask.schedule': 'green,teal@2'})
 
 
@@ -205,15 +223,16 @@ def test_schedule_switches_that_round_to_one_step_are_refused(tmp_path, folder):
     root, data_dir = folder
     c = smoke_config(root, data_dir, **{'mask.schedule': 'green,blue@1,red@1.01'})
     t = pretrain.make_trainer(c, parallel.make_mesh(c.mesh, jax.devices()[:1]), steps_per_epoch=4)
-    with pytest.raises(config_lib.ConfigError, match="'red' at epoch 1.01 starts at step 4, which leaves no step"):
+    with pytest.raises(config_lib.ConfigError, match=r"'red' at epoch 1.01 \(step 4\) leaves no step"):
         pretrain.MaskPhases(t)  # built before anything compiles
 
 
 def test_parse_schedule():
     c = _cfg()
-    assert masking.parse_schedule(c) == [(0.0, 'green')]
+    assert masking.parse_schedule(c) == [masking.Phase('green', 0.0)]
     c.schedule = 'green,blue@200,red@250'
-    assert masking.parse_schedule(c) == [(0.0, 'green'), (200.0, 'blue'), (250.0, 'red')]
+    assert masking.parse_schedule(c) == [masking.Phase('green', 0.0), masking.Phase('blue', 200.0),
+                                         masking.Phase('red', 250.0)]
 
 
 @pytest.mark.slow

@@ -135,6 +135,7 @@ class ColourNoiseMasking(core.Strategy):
     sigma1: float = 0.8
     sigma2: float = 2.0
     path: str = ''
+    per_image: bool = True
 
     @property
     def colour(self) -> str:
@@ -178,17 +179,25 @@ class ColourNoiseMasking(core.Strategy):
         return bank
 
     def windows(self, rng: jax.Array, batch_size: int, bank: jax.Array) -> jax.Array:
-        """Per-image crops ``[B, grid, grid]`` of ``bank``: a pattern, an offset, two flips each."""
+        """Crops ``[B, grid, grid]`` of ``bank``. ``per_image``: a pattern, an offset and two
+        flips per image. Otherwise the official code's: pattern ``i mod L`` for image ``i``, and
+        one offset and pair of flips for each block of ``L`` images (one per batch when B <= L)."""
         g = self.grid
         num, h, w = bank.shape
         k_idx, k_y, k_x, k_h, k_v = jax.random.split(rng, 5)
-        idx = jax.random.randint(k_idx, (batch_size,), 0, num)
-        ys = jax.random.randint(k_y, (batch_size,), 0, h - g + 1)
-        xs = jax.random.randint(k_x, (batch_size,), 0, w - g + 1)
+        if self.per_image:
+            idx = jax.random.randint(k_idx, (batch_size,), 0, num)
+            draws = batch_size
+        else:
+            idx = jnp.arange(batch_size) % num
+            draws = -(-batch_size // num)  # one draw per block of L images
+        block = jnp.arange(batch_size) // (1 if self.per_image else num)
+        ys = jax.random.randint(k_y, (draws,), 0, h - g + 1)[block]
+        xs = jax.random.randint(k_x, (draws,), 0, w - g + 1)[block]
         crop = jax.vmap(lambda i, y, x: jax.lax.dynamic_slice(bank, (i, y, x), (1, g, g))[0])
         win = crop(idx, ys, xs)
-        hflip = jax.random.bernoulli(k_h, 0.5, (batch_size, 1, 1))
-        vflip = jax.random.bernoulli(k_v, 0.5, (batch_size, 1, 1))
+        hflip = jax.random.bernoulli(k_h, 0.5, (draws, 1, 1))[block]
+        vflip = jax.random.bernoulli(k_v, 0.5, (draws, 1, 1))[block]
         win = jnp.where(hflip, win[:, :, ::-1], win)
         return jnp.where(vflip, win[:, ::-1, :], win)
 
