@@ -147,3 +147,18 @@ def test_token_weight_decay_follows_the_config(decay_tokens):
                                                                              ('decoder', 'mask_token'))}
     assert moved == {'cls_token': decay_tokens, 'mask_token': decay_tokens}
     assert bool(np.abs(np.asarray(updates['encoder']['norm']['scale'])).max() == 0)  # norms: never decayed
+
+
+@pytest.mark.parametrize('total,warmup', [(100, 10), (20, 0), (10, 10), (50, 1)])
+def test_schedule_is_optax_warmup_cosine_bitwise(total, warmup):
+    """optim.make_schedule (optax.warmup_cosine_decay_schedule) equals the join of optax's linear
+    warm-up and cosine decay the loop used before, value for value."""
+    import optax
+    c = smoke_config(base_lr=1.5e-4, batch_size=256, min_lr=1e-6)
+    peak = c.base_lr * c.batch_size / 256
+    before = optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                   optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=c.min_lr / peak)],
+                                  [warmup])
+    now = optim.make_schedule(c, total, warmup)
+    for step in range(total + 3):
+        assert float(now(step)) == float(before(step)), step
