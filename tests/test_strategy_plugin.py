@@ -60,7 +60,8 @@ TOY = textwrap.dedent('''
             return self.scale * batch['toy_priority']  # highest visible: the last patches
 
 
-    STRATEGIES = {'toy': lambda name, grid, cfg: core.from_config(ToyMasking, name, grid, cfg, 'toy')}
+    STRATEGIES = {'toy': lambda name, grid, cfg, **ratios: core.from_config(ToyMasking, name, grid, cfg, 'toy',
+                                                                            **ratios)}
 ''')
 
 
