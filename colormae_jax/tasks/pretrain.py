@@ -4,7 +4,7 @@ The step is a pure function of ``(state, batch, aux)``, jit-compiled once per ma
 strategy with the state donated and every input and output placed by a NamedSharding on
 the config's mesh; :func:`loop.run` drives it. A strategy's device state (``aux``, e.g. a
 noise bank) is an argument of the step; its host state (:class:`masking.HostState`, e.g.
-FAMT's weights) is refreshed before each step, adds its fields to the batch, and is
+per-example weights) is refreshed before each step, adds its fields to the batch, and is
 checkpointed with the run, through hooks this module calls without knowing the strategy.
 """
 from __future__ import annotations
@@ -213,9 +213,11 @@ class MaskPhases:
             self._built[strategy] = (strategy, aux, step_fn, recon_fn)
         return self._built[strategy]
 
+
 class PretrainTask:
-    """MAE pre-training as a task of :func:`run_loop`: the masking phases, FAMT weight updates
-    and image summaries of inputs, masks and reconstructions."""
+    """MAE pre-training as a task of :func:`loop.run_loop`: the masking phases with their
+    strategies' host state, image summaries of inputs, masks and reconstructions, and the kNN
+    monitor."""
 
     def __init__(self, t: Trainer, workdir: str | None = None):
         self.t, self.phases, self.mesh, self.workdir = t, MaskPhases(t), t.mesh, workdir
