@@ -93,10 +93,10 @@ def validate(config, num_devices: int | None = None, check_data: bool = True) ->
         if check_data and config.data.source == 'folder':
             split = os.path.join(config.data.root, config.data.eval_split)
             root = config.data.root
+            splits = sorted(x for x in os.listdir(root) if os.path.isdir(os.path.join(root, x)))
             _check(os.path.isdir(split), 'knn.every_epochs',
-                   f'the kNN monitor needs the eval split {split!r}, which does not exist; set data.eval_split to one '
-                   f'of {sorted(x for x in os.listdir(root) if os.path.isdir(os.path.join(root, x)))}'
-                   f' or turn the monitor off with --config.knn.every_epochs=0')
+                   f'the kNN monitor needs the eval split {_shown(split)}, which does not exist; set data.eval_split '
+                   f'to one of {splits} or turn the monitor off with --config.knn.every_epochs=0')
 
 
 def _check_batch(bs, num_devices: int, key: str) -> None:
@@ -146,13 +146,18 @@ def _validate_data(d, check_data: bool) -> None:
     _check(0 < lo <= hi <= 1, 'data.crop_scale', f'must satisfy 0 < min <= max <= 1, got {tuple(d.crop_scale)}')
     if check_data and d.source == 'folder':
         _check(bool(d.root) and os.path.isdir(d.root), 'data.root',
-               f'{d.root!r} is not a directory. Point it at a folder laid out as <root>/<split>/<class>/*.jpg, '
-               f'e.g. --config.data.root=../shared/data/cifar10')
+               f'{_shown(d.root) if d.root else repr(d.root)} is not a directory; point it at a folder laid out as '
+               f'<root>/<split>/<class>/*.jpg, e.g. --config.data.root=../shared/data/cifar10')
         _check(os.path.isdir(os.path.join(d.root, d.split)), 'data.split',
-               f'{os.path.join(d.root, d.split)!r} does not exist; the splits in {d.root!r} are '
+               f'{_shown(os.path.join(d.root, d.split))} does not exist; the splits in {d.root!r} are '
                f'{sorted(x for x in os.listdir(d.root) if os.path.isdir(os.path.join(d.root, x)))}')
     if check_data and d.source == 'tfds':
         _check(bool(d.name), 'data.name', "set the TFDS dataset name, e.g. 'imagenet2012'")
+
+
+def _shown(path: str) -> str:
+    """``'../x' (resolved: /abs/x)`` for a relative path, ``'/abs/x'`` for an absolute one."""
+    return f'{path!r}' + ('' if os.path.isabs(path) else f' (resolved: {os.path.abspath(path)})')
 
 
 def validate_eval(config, num_devices: int | None = None, check_data: bool = True) -> None:
@@ -174,4 +179,4 @@ def validate_eval(config, num_devices: int | None = None, check_data: bool = Tru
         split = os.path.join(config.data.root, config.data.eval_split)
         splits = sorted(os.listdir(config.data.root))
         _check(os.path.isdir(split), 'data.eval_split',
-               f'{split!r} does not exist; the splits in {config.data.root!r} are {splits}')
+               f'{_shown(split)} does not exist; the splits in {config.data.root!r} are {splits}')

@@ -19,9 +19,11 @@ import io
 import os
 import re
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
 from colormae_jax.errors import DataError
@@ -87,24 +89,90 @@ def _folder_config_name(root: str) -> str:
     return f'{base}_{hashlib.sha1(root.encode()).hexdigest()[:8]}'
 
 
-def _read_checked(path: str) -> bytes:
-    """The file's bytes when it decodes as an RGB JPEG/PNG, else the image re-encoded as an RGB PNG.
+def _shown(path: str) -> str:
+    """``'../x' (resolved: /abs/x)`` for a relative path, ``'/abs/x'`` for an absolute one."""
+    return f'{path!r}' + ('' if os.path.isabs(path) else f' (resolved: {os.path.abspath(path)})')
 
-    Decodes every image once so that a broken file fails preparation with its name.
-    """
+
+def _workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def _threaded(fn, items: list, chunk: int = 1024):
+    """``fn(item)`` for every item, in order, in threads (PIL releases the GIL while decoding);
+    chunked so that a million files do not make a million futures at once."""
+    with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+        for start in range(0, len(items), chunk):
+            yield from pool.map(fn, items[start:start + chunk])
+
+
+STORE_AS_IS, RE_ENCODE = 'as is', 're-encode'
+
+
+def _check_image(path: str) -> str:
+    """Decodes the file once: :data:`STORE_AS_IS` (an RGB JPEG/PNG, stored as its bytes),
+    :data:`RE_ENCODE` (another mode or format: stored as an RGB PNG), or why it cannot be used:
+    ``empty (0 bytes)``, ``not an image (...)``, ``truncated or corrupt (...)``, ``unreadable (...)``."""
     try:
-        with open(path, 'rb') as f:
-            raw = f.read()
-        with Image.open(io.BytesIO(raw)) as im:
+        if os.path.getsize(path) == 0:
+            return 'empty (0 bytes)'
+        with Image.open(path) as im:
+            fmt, mode = im.format, im.mode
             im.load()
-            if im.mode == 'RGB' and im.format in ('JPEG', 'PNG'):
-                return raw
-            out = io.BytesIO()  # grayscale, palette, RGBA, CMYK, other formats: store RGB
-            im.convert('RGB').save(out, format='PNG')
-            return out.getvalue()
+    except Image.UnidentifiedImageError:
+        return 'not an image (PIL cannot identify it)'
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
+        return f'unreadable ({type(e).__name__}: {e.strerror})'
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for broken files
-        raise DataError(f'cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file, then '
-                        f'prepare again (preparation restarts from scratch).') from None
+        first = (str(e).strip().splitlines() or [''])[0][:160]
+        return f'truncated or corrupt ({type(e).__name__}: {first})'
+    return STORE_AS_IS if mode == 'RGB' and fmt in ('JPEG', 'PNG') else RE_ENCODE
+
+
+def _encoded(path: str, how: str) -> bytes:
+    """The bytes to store for a file that :func:`_check_image` found usable."""
+    if how == STORE_AS_IS:
+        with open(path, 'rb') as f:
+            return f.read()
+    with Image.open(path) as im:  # grayscale, palette, RGBA, CMYK, other formats: store RGB
+        out = io.BytesIO()
+        im.convert('RGB').save(out, format='PNG')
+        return out.getvalue()
+
+
+class ImageCheck(NamedTuple):
+    """What decoding every image of a folder found (:meth:`ImageFolder.check_images`)."""
+    total: int
+    bad: list[tuple[str, str]]  # (path relative to the root, why it cannot be used), in listing order
+    re_encode: frozenset[str]  # relative paths stored as RGB PNG
+
+    def per_split(self) -> dict[str, int]:
+        """Bad images per split."""
+        return _per_split(self.bad)
+
+
+def _per_split(items: list[tuple[str, str]]) -> dict[str, int]:
+    """{split: count} of (``<split>/<class>/<file>``, why) items."""
+    out: dict[str, int] = {}
+    for rel, _ in items:
+        split = rel.split('/', 1)[0]
+        out[split] = out.get(split, 0) + 1
+    return out
+
+
+MAX_LISTED = 20  # bad images named in an error
+SKIPPED_FILE = 'skipped_images.txt'
+_SKIPPED_KEY = 'skipped_images'  # in the prepared dataset's metadata.json: [[relative path, why], ...]
+
+
+def _bad_images_error(root: str, check: ImageCheck) -> DataError:
+    lines = [f'  {os.path.join(root, rel)}: {why}' for rel, why in check.bad[:MAX_LISTED]]
+    if len(check.bad) > MAX_LISTED:
+        lines.append(f'  ... and {len(check.bad) - MAX_LISTED} more')
+    return DataError(f'data.root={root}: {len(check.bad)} of {check.total} images cannot be used (empty, not an '
+                     f'image, or truncated / corrupt), so nothing was prepared; remove or replace them, or set '
+                     f'--config.data.skip_bad_images=True to leave them out (listed in {SKIPPED_FILE} next to the '
+                     f'prepared data):\n' + '\n'.join(lines))
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -115,13 +183,20 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     of all splits), ``file_name`` (``<class>/<file>``). Not registered with TFDS by name
     (no clash with ``tfds.folder_dataset``); ``tfds.builder('image_folder/<config>', data_dir=...)``
     still reads a prepared folder from its files.
+
+    Every image is decoded once before anything is written (:meth:`check_images`). Files that
+    cannot be used (empty, not an image, truncated / corrupt) refuse the folder, all of them
+    named; with ``skip_bad_images`` they are left out, and listed in the prepared dataset's
+    metadata (:meth:`skipped`) and in ``skipped_images.txt`` next to it.
     """
     VERSION = tfds.core.Version('1.0.0')
 
-    def __init__(self, *, root: str, data_dir: str | None = None, **kwargs):
+    def __init__(self, *, root: str, data_dir: str | None = None, skip_bad_images: bool = False, **kwargs):
         kwargs.pop('config', None)  # always derived from the root
         kwargs.pop('file_format', None)
         self._root = os.path.abspath(root)
+        self._skip_bad_images = bool(skip_bad_images)
+        self._check: ImageCheck | None = None
         config = tfds.core.BuilderConfig(name=_folder_config_name(root), description=f'image folder {self._root}')
         super().__init__(config=config, data_dir=data_dir, file_format='array_record', **kwargs)
 
@@ -139,23 +214,47 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             'file_name': tfds.features.Text(),
         })
         return tfds.core.DatasetInfo(builder=self, description=f'Image folder {self._root}', features=features,
-                                     supervised_keys=('image', 'label'))
+                                     supervised_keys=('image', 'label'), metadata=tfds.core.MetadataDict())
+
+    def check_images(self) -> ImageCheck:
+        """Decodes every image of every split once (in threads); remembered for the preparation."""
+        if self._check is None:
+            rels = [f'{s}/{c}/{f}' for s in _split_names(self._root)
+                    for c, f in _list_split(os.path.join(self._root, s))]
+            logging.info('Checking the %d images of %s (each decoded once) ...', len(rels), self._root)
+            found = dict(zip(rels, _threaded(_check_image, [os.path.join(self._root, r) for r in rels])))
+            self._check = ImageCheck(
+                total=len(rels), bad=[(r, why) for r, why in found.items() if why not in (STORE_AS_IS, RE_ENCODE)],
+                re_encode=frozenset(r for r, how in found.items() if how == RE_ENCODE))
+        return self._check
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path relative to the root, why) of the images left out when the folder was prepared."""
+        metadata = self.info.metadata
+        try:  # by item: tfds' LazyMetadataDict reads metadata.json on __getitem__, not on get / in / len
+            return [tuple(x) for x in metadata[_SKIPPED_KEY]] if metadata is not None else []
+        except KeyError:  # prepared before bad images could be left out
+            return []
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {s: self._generate_examples(os.path.join(self._root, s)) for s in _split_names(self._root)}
+        check = self.check_images()
+        if check.bad and not self._skip_bad_images:
+            raise _bad_images_error(self._root, check)
+        self.info.metadata[_SKIPPED_KEY] = [list(x) for x in check.bad]  # written with the dataset's info
+        skip = {r for r, _ in check.bad}
+        return {s: self._generate_examples(s, check.re_encode, skip) for s in _split_names(self._root)}
 
-    def _generate_examples(self, split_dir: str):
-        files = _list_split(split_dir)
-        chunk = 512
-        # Decoding (to validate) runs in threads: PIL releases the GIL while decoding.
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
-            for start in range(0, len(files), chunk):
-                part = files[start:start + chunk]
-                paths = [os.path.join(split_dir, c, f) for c, f in part]
-                for (label, name), image in zip(part, pool.map(_read_checked, paths)):
-                    key = f'{label}/{name}'
-                    yield key, {'image': image, 'label': label, 'file_name': key}
+    def _generate_examples(self, split: str, re_encode: frozenset[str], skip: set[str]):
+        files = [(c, f) for c, f in _list_split(os.path.join(self._root, split)) if f'{split}/{c}/{f}' not in skip]
+
+        def encoded(item):
+            rel = f'{split}/{item[0]}/{item[1]}'
+            return _encoded(os.path.join(self._root, rel), RE_ENCODE if rel in re_encode else STORE_AS_IS)
+
+        for (label, name), image in zip(files, _threaded(encoded, files)):
+            key = f'{label}/{name}'
+            yield key, {'image': image, 'label': label, 'file_name': key}
 
 
 # ------------------------------------------------------------------------------ builders
@@ -166,9 +265,10 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
     if data_cfg.source == 'folder':
         root = data_cfg.root
         if not root or not os.path.isdir(root):
-            raise DataError(f'data.root={root!r} is not a directory. Point it at a folder laid out as '
-                            f'<root>/<split>/<class>/*.jpg, e.g. --config.data.root=../shared/data/cifar10')
-        return ImageFolder(root=root, data_dir=data_dir)
+            raise DataError(f'data.root={_shown(root) if root else repr(root)} is not a directory; point it at a '
+                            f'folder laid out as <root>/<split>/<class>/*.jpg, e.g. '
+                            f'--config.data.root=../shared/data/cifar10')
+        return ImageFolder(root=root, data_dir=data_dir, skip_bad_images=data_cfg.get('skip_bad_images', False))
     if data_cfg.source == 'tfds':
         if not data_cfg.name:
             raise DataError("data.name is empty; with data.source='tfds' set the TFDS dataset name, "
@@ -206,16 +306,56 @@ def _prepare(data_cfg) -> tfds.core.DatasetBuilder:
     if data_cfg.source == 'folder':
         counts = _scan(builder.root)
         if not builder.is_prepared():
-            builder.download_and_prepare(file_format='array_record')
+            _prepare_folder(builder, counts, data_cfg.get('skip_bad_images', False))
         else:
             stored = {s: builder.info.splits[s].num_examples if s in builder.info.splits else 0 for s in counts}
-            if stored != counts:
+            skipped = _per_split(builder.skipped())
+            if {s: stored[s] + skipped.get(s, 0) for s in counts} != counts:
+                left_out = f', left out as bad {skipped}' if skipped else ''
                 raise DataError(f'{builder.root} changed since it was prepared into {builder.data_dir} '
-                                f'(images per split: now {counts}, prepared {stored}). Delete {builder.data_dir} '
-                                f'to prepare again.')
+                                f'(images per split: now {counts}, prepared {stored}{left_out}). Delete '
+                                f'{builder.data_dir} to prepare again.')
+            if skipped:
+                _write_skipped(builder)
+                logging.warning('%s: %d bad images were left out when it was prepared (data.skip_bad_images); '
+                                'they are listed in %s', builder.root, sum(skipped.values()),
+                                os.path.join(builder.data_dir, SKIPPED_FILE))
     else:
         _check_tfds_prepared(builder, data_cfg)
     return builder
+
+
+def _prepare_folder(builder: ImageFolder, counts: dict[str, int], skip_bad_images: bool) -> None:
+    """Decodes every image, refuses (or, with ``skip_bad_images``, leaves out) the bad ones, then writes."""
+    check = builder.check_images()
+    if check.bad:
+        if not skip_bad_images:
+            raise _bad_images_error(builder.root, check)
+        bad = check.per_split()
+        empty = sorted(s for s in counts if bad.get(s, 0) == counts[s])
+        if empty:
+            raise DataError(f'split folder {os.path.join(builder.root, empty[0])}: all its {counts[empty[0]]} images '
+                            f'cannot be used (e.g. {check.bad[0][0]}: {check.bad[0][1]}); replace them, or remove '
+                            f'the folder')
+    builder.download_and_prepare(file_format='array_record')
+    if check.bad:
+        path = _write_skipped(builder)
+        logging.warning('%s: left out %d of %d images that cannot be used (data.skip_bad_images=True); the list, '
+                        'with the reasons, is in %s', builder.root, len(check.bad), check.total, path)
+
+
+def _write_skipped(builder: ImageFolder) -> str:
+    """``<builder.data_dir>/skipped_images.txt``: one ``<path><TAB><why>`` line per left-out image
+    (written again from the dataset's metadata if it was deleted)."""
+    path = os.path.join(builder.data_dir, SKIPPED_FILE)
+    if not os.path.exists(path):
+        lines = [f'{os.path.join(builder.root, rel)}\t{why}\n' for rel, why in builder.skipped()]
+        with open(path + '.tmp', 'w') as f:
+            f.write(f'# images of {builder.root} left out of the prepared data (data.skip_bad_images=True): '
+                    f'path<TAB>why\n')
+            f.writelines(lines)
+        os.replace(path + '.tmp', path)
+    return path
 
 
 _PREPARED: dict[tuple[str, str, str], tfds.core.DatasetBuilder] = {}
@@ -234,9 +374,12 @@ def _dataset_key(data_cfg) -> tuple[str, str, str]:
 def prepare(data_cfg) -> tfds.core.DatasetBuilder:
     """Returns a prepared builder. An image folder is prepared once (array_record), then reused.
 
-    A folder is checked before any heavy work (layout, splits); a broken image stops the
-    preparation with its name. Prepared data is reused as long as the number of images per
-    split is unchanged; delete ``builder.data_dir`` to prepare again after other edits.
+    A folder is checked before any heavy work (layout, splits); then every image is decoded
+    once, before anything is written: images that cannot be used (empty, not an image,
+    truncated / corrupt) refuse the folder, all named (the first 20 in the message), or with
+    ``data.skip_bad_images`` are left out and listed in ``<builder.data_dir>/skipped_images.txt``.
+    Prepared data is reused as long as the number of images per split (those left out
+    included) is unchanged; delete ``builder.data_dir`` to prepare again after other edits.
 
     The work (scanning the folder, checking a TFDS dataset) runs once per process for each
     dataset (source, absolute root or name, data_dir); later calls return the same builder,

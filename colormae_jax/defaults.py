@@ -10,6 +10,8 @@ def data_config() -> ml_collections.ConfigDict:
         root='',                    # for 'folder'
         name='',                    # for 'tfds', e.g. 'imagenet2012'
         data_dir='',                # where array_record files live ('' -> ~/tensorflow_datasets)
+        skip_bad_images=False,      # 'folder': leave out images that cannot be decoded (listed in
+                                    # skipped_images.txt next to the prepared data) instead of refusing the folder
         split='train',
         eval_split='test',          # kNN monitor and evaluations ('validation' for imagenet2012)
         image_size=224,

@@ -206,6 +206,9 @@ def test_bad_noise_configs(tmp_path, folder):
     assert "config.mask.strategy: 'yellow' is unknown" in _bad(tmp_path, folder, **{'mask.strategy': 'yellow'})
     missing = str(tmp_path / 'nope.npz')
     assert 'does not exist' in _bad(tmp_path, folder, **{'mask.noise.path': missing})
+    # the hint names the strategy's own colour (it said green for every colour)
+    hint = _bad(tmp_path, folder, **{'mask.strategy': 'blue', 'mask.noise.path': str(tmp_path / '{colour}.npz')})
+    assert f'tools.noise --colour blue --out {tmp_path / "blue.npz"}`' in hint
     np.savez(tmp_path / 'flat.npz', np.zeros((16, 16)))
     assert 'expected one array [L, H, W]' in _bad(tmp_path, folder, **{'mask.noise.path': str(tmp_path / 'flat.npz')})
     nan = np.ones((2, 16, 16))

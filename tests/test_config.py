@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 import pytest
@@ -84,4 +85,18 @@ def test_invalid_configs(tmp_path, key, value, match):
     if key == 'total_epochs':
         c.total_steps = None
     with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.validate(c, num_devices=4)
+
+
+def test_a_relative_data_root_is_shown_resolved(tmp_path, monkeypatch):
+    (tmp_path / 'run').mkdir()
+    c = smoke(tmp_path / 'run')
+    monkeypatch.chdir(tmp_path)
+    c.data.root = '../nope'
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            f"config.data.root: '../nope' (resolved: {tmp_path.parent / 'nope'}) is not a directory; point it at")):
+        config_lib.validate(c, num_devices=4)
+    c.data.root, c.data.split = 'run', 'val'
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            f"config.data.split: 'run/val' (resolved: {tmp_path / 'run' / 'val'}) does not exist")):
         config_lib.validate(c, num_devices=4)

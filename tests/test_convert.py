@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 import numpy as np
@@ -193,10 +194,32 @@ def test_unreadable_files_say_why(ref, tmp_path):
         convert.import_torch(listing, C)
     pickled = str(tmp_path / 'object.pth')
     torch.save({'model': ref.state_dict(), 'extra': NotATensor()}, pickled)
-    with pytest.raises(convert.ConversionError, match='Python objects besides tensors .*NotATensor'):
+    with pytest.raises(convert.ConversionError) as e:
         convert.import_torch(pickled, C)
+    msg = str(e.value)  # leads with the refusal; the recipe for a trusted file comes after
+    assert msg.startswith(f'{pickled} was not loaded: it would run code when loaded (')
+    assert 'Python objects besides tensors, first: ' in msg and 'NotATensor' in msg
+    assert msg.index('Only if you trust the file') > msg.index('was not loaded') and 'weights_only=False' in msg
     with pytest.raises(convert.ConversionError, match='unknown key layout'):
         convert.import_torch({'fc.weight': torch.zeros(2, 2)}, C)
+
+
+def test_non_finite_weights_are_refused(ref, tmp_path):
+    sd = dict(ref.state_dict())
+    sd['blocks.0.attn.qkv.weight'] = sd['blocks.0.attn.qkv.weight'].clone()
+    sd['blocks.0.attn.qkv.weight'][3, 5] = float('nan')
+    sd['blocks.1.mlp.fc2.bias'] = torch.full_like(sd['blocks.1.mlp.fc2.bias'], float('inf'))
+    path = str(tmp_path / 'nan.pth')
+    torch.save({'model': sd}, path)
+    with pytest.raises(convert.ConversionError, match=re.escape(
+            f"{path} ['model']: 'blocks.0.attn.qkv.weight' holds NaN or infinite values (1 of 3072)")):
+        convert.import_torch(path, C)
+    assert convert.main(['import', path, str(tmp_path / 'out'), '--heads', '2', '--dec_heads', '2']) == 2
+    assert not os.path.exists(tmp_path / 'out')
+    half = {k: v.half() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    half['norm.bias'] = torch.full_like(half['norm.bias'], float('-inf'))  # float16 too
+    with pytest.raises(convert.ConversionError, match="'norm.bias' holds NaN or infinite values"):
+        convert.import_torch(half, C)
 
 
 def test_shape_mismatch_names_the_key(ref):

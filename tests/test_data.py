@@ -1,5 +1,7 @@
 """The datasets (prepared once per run) and the grain pipeline over a tiny image folder that the tests make."""
+import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -151,16 +153,15 @@ def test_worker_processes_are_deterministic(prepared):
     ref.close()
 
 
-def test_bad_input_errors(tmp_path, prepared):
+def test_bad_input_errors(tmp_path, prepared, monkeypatch):
     c = defaults.data_config()
     c.root, c.data_dir = str(tmp_path / 'missing'), str(tmp_path / 'tfds')
     with pytest.raises(errors.DataError, match='is not a directory'):
         datasets.prepare(c)
-    bad = tmp_path / 'bad' / 'train' / 'x'
-    os.makedirs(bad)
-    (bad / 'broken.jpg').write_bytes(b'not a jpeg at all')
-    c.root = str(tmp_path / 'bad')
-    with pytest.raises(errors.DataError, match='cannot read image .*broken.jpg'):
+    monkeypatch.chdir(tmp_path)
+    c.root = '../missing'  # a relative root is shown resolved too
+    with pytest.raises(errors.DataError, match=r"data.root='../missing' \(resolved: " +
+                       re.escape(os.path.join(os.path.dirname(str(tmp_path)), 'missing')) + r'\) is not a directory'):
         datasets.prepare(c)
     t = defaults.data_config()
     t.source, t.name, t.data_dir = 'tfds', 'cifar10', str(tmp_path / 'empty')
@@ -201,3 +202,91 @@ def test_prepare_scans_a_folder_once_per_run(tmp_path, monkeypatch):
     with pytest.raises(errors.DataError, match='changed since'):  # a failure is not remembered
         datasets.prepare(c)
     assert len(scans) == 3
+
+
+def _bad_folder(base):
+    """2 classes x 3 good images, plus a truncated JPEG, a 0-byte file and a text file named .jpg."""
+    root = make_folder(base / 'imgs', per_class=3, fmt='jpg')
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out, format='JPEG')
+    cat, dog = os.path.join(root, 'train', 'cat'), os.path.join(root, 'train', 'dog')
+    open(os.path.join(cat, 'cut.jpg'), 'wb').write(out.getvalue()[:len(out.getvalue()) // 2])
+    open(os.path.join(dog, 'empty.jpg'), 'wb').close()
+    open(os.path.join(dog, 'notes.jpg'), 'w').write('not an image, just text\n')
+    return root
+
+
+def test_bad_images_are_all_named_before_anything_is_written(tmp_path):
+    root = _bad_folder(tmp_path)
+    c = defaults.data_config()
+    c.root, c.data_dir, c.image_size = root, str(tmp_path / 'tfds'), 32
+    with pytest.raises(errors.DataError) as e:
+        datasets.prepare(c)
+    msg = str(e.value)
+    assert msg.startswith(f'data.root={root}: 3 of 9 images cannot be used')
+    assert 'remove or replace them, or set --config.data.skip_bad_images=True' in msg
+    lines = msg.splitlines()[1:]
+    assert lines[0].startswith(f'  {root}/train/cat/cut.jpg: truncated or corrupt (OSError: ')
+    assert lines[1:] == [f'  {root}/train/dog/empty.jpg: empty (0 bytes)',
+                         f'  {root}/train/dog/notes.jpg: not an image (PIL cannot identify it)']
+    assert not os.path.exists(tmp_path / 'tfds' / 'image_folder')  # nothing was written
+
+
+def test_more_than_twenty_bad_images_are_counted(tmp_path):
+    root = make_folder(tmp_path / 'imgs', classes=('a',), per_class=1)
+    for i in range(23):
+        open(os.path.join(root, 'train', 'a', f'z{i:02d}.png'), 'wb').close()
+    c = defaults.data_config()
+    c.root, c.data_dir = root, str(tmp_path / 'tfds')
+    with pytest.raises(errors.DataError, match='23 of 24 images cannot be used') as e:
+        datasets.prepare(c)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 1 + 20 + 1 and lines[-1] == '  ... and 3 more'
+    c.skip_bad_images = True  # a split with nothing left is refused, not prepared empty
+    open(os.path.join(root, 'train', 'a', '0000.png'), 'wb').close()
+    with pytest.raises(errors.DataError, match='split folder .*train: all its 24 images cannot be used'):
+        datasets.prepare(c)
+
+
+def test_skip_bad_images_prepares_the_good_ones(tmp_path):
+    root = _bad_folder(tmp_path)
+    c = defaults.data_config()
+    c.root, c.data_dir, c.image_size, c.skip_bad_images = root, str(tmp_path / 'tfds'), 32, True
+    b = datasets.prepare(c)
+    assert b.info.splits['train'].num_examples == 6 and b.info.features['label'].names == ['cat', 'dog']
+    src = b.as_data_source('train')
+    names = b.info.features['label'].names
+    got = sorted((names[src[i]['label']], src[i]['file_name'].decode()) for i in range(6))
+    assert got == [(c_, f'{c_}/{i:04d}.jpg') for c_ in ('cat', 'dog') for i in range(3)]  # labels follow the files
+    listed = open(os.path.join(b.data_dir, datasets.SKIPPED_FILE)).read().splitlines()
+    assert listed[0].startswith('#') and [line.split('\t')[0] for line in listed[1:]] == [
+        f'{root}/train/cat/cut.jpg', f'{root}/train/dog/empty.jpg', f'{root}/train/dog/notes.jpg']
+    assert listed[2].split('\t')[1] == 'empty (0 bytes)'
+    # The next run (a fresh process: the cache cleared, a new builder) is not refused: the skipped
+    # files are stored with the prepared data and count as seen. Without the flag it is reused too.
+    datasets.prepare.cache_clear()
+    os.remove(os.path.join(b.data_dir, datasets.SKIPPED_FILE))
+    c.skip_bad_images = False
+    again = datasets.prepare(c)
+    assert again is not b and again.info.splits['train'].num_examples == 6 and len(again.skipped()) == 3
+    assert os.path.exists(os.path.join(b.data_dir, datasets.SKIPPED_FILE))  # written again from the metadata
+    # A folder changed since it was prepared is still refused, the skipped files counted.
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(os.path.join(root, 'train', 'cat', 'new.png'))
+    datasets.prepare.cache_clear()
+    with pytest.raises(errors.DataError, match=r"now \{'train': 10}, prepared \{'train': 6}, left out as bad "
+                                               r"\{'train': 3}"):
+        datasets.prepare(c)
+
+
+def test_other_image_modes_are_stored_as_rgb(tmp_path):
+    root = tmp_path / 'modes' / 'train' / 'x'
+    os.makedirs(root)
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(root / 'gray.png')
+    Image.fromarray(np.full((8, 8, 4), 9, np.uint8)).save(root / 'rgba.png')
+    Image.fromarray(np.full((8, 8, 3), 11, np.uint8)).save(root / 'rgb.jpg')
+    c = defaults.data_config()
+    c.root, c.data_dir = str(tmp_path / 'modes'), str(tmp_path / 'tfds')
+    src = datasets.prepare(c).as_data_source('train')
+    images = {src[i]['file_name'].decode(): src[i]['image'] for i in range(3)}
+    assert all(v.shape == (8, 8, 3) for v in images.values())
+    assert images['x/gray.png'].max() == 7 and images['x/rgba.png'].min() == 9

@@ -93,14 +93,14 @@ def radial_power(bank: np.ndarray | jax.Array) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- bank files
 
-def load_bank(path: str, grid: int | None = None) -> np.ndarray:
+def load_bank(path: str, grid: int | None = None, colour: str | None = None) -> np.ndarray:
     """Reads an ``.npz`` bank (one array ``[L, H, W]``, as the official ColorMAE banks) and
     standardises it. Refuses a missing file, a wrong shape, non-finite values, or patterns
-    smaller than the patch grid."""
+    smaller than the patch grid. ``colour``: the bank's colour, for the hint when it is missing."""
     if not os.path.exists(path):
         raise FileNotFoundError(f'noise bank {path!r} does not exist; generate one with '
-                                f'`python -m colormae_jax.tools.noise --colour green --out {path}` or leave '
-                                f'mask.noise.path empty to generate it at start-up')
+                                f'`python -m colormae_jax.tools.noise --colour {colour or "COLOUR"} --out {path}` or '
+                                f'leave mask.noise.path empty to generate it at start-up')
     try:
         with np.load(path) as z:
             if not z.files:
@@ -149,7 +149,7 @@ class ColourNoiseMasking(core.Strategy):
             raise ConfigError('mask.strategy', f'unknown colour {self.colour!r}; valid: {list(COLOURS)}')
         if self.bank_path():
             try:
-                load_bank(self.bank_path(), self.grid)
+                load_bank(self.bank_path(), self.grid, self.colour)
             except (OSError, ValueError) as e:
                 raise ConfigError('mask.noise.path', str(e)) from None
             return
@@ -167,7 +167,7 @@ class ColourNoiseMasking(core.Strategy):
     def make_bank(self, rng: jax.Array) -> jax.Array:
         """The bank itself, ``[L, S, S]`` (unpadded)."""
         if self.bank_path():
-            return jnp.asarray(load_bank(self.bank_path(), self.grid))
+            return jnp.asarray(load_bank(self.bank_path(), self.grid, self.colour))
         return generate(rng, self.colour, self.bank_size, self.side, sigma=self.sigma, sigma1=self.sigma1,
                         sigma2=self.sigma2)
 

@@ -198,8 +198,9 @@ def load_torch_file(path: str) -> Any:
         found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
         if found:
             raise ConversionError(
-                f'{path} holds Python objects besides tensors (first: {found.group(1)}), which '
-                f'torch.load(weights_only=True) refuses to run. If you trust the file, keep only its tensors: '
+                f'{path} was not loaded: it would run code when loaded (it holds Python objects besides tensors, '
+                f'first: {found.group(1)}, which torch.load(weights_only=True) refuses to build). Only if you trust '
+                f'the file and where it came from, keep its tensors in a clean copy and import that: '
                 f'python -c "import torch; c = torch.load(\'{path}\', weights_only=False); '
                 f'torch.save(c.get(\'model\', c.get(\'state_dict\', c)), \'clean.pth\')"') from None
         raise _corrupt(path, size, e) from e
@@ -231,7 +232,8 @@ def read_state_dict(source: str | Mapping[str, Any]) -> tuple[dict[str, Any], st
     """A ``.pth`` path or a loaded checkpoint -> (state dict of numpy arrays, where it came from).
 
     Unwraps ``{'model': ...}`` (official MAE) and ``{'state_dict': ...}`` (mmpretrain / mmengine),
-    and strips a ``module.`` prefix (DistributedDataParallel).
+    and strips a ``module.`` prefix (DistributedDataParallel). Refuses a tensor with NaN or
+    infinite values, naming the first such key.
     """
     where = source if isinstance(source, str) else 'a state dict'
     obj = load_torch_file(source) if isinstance(source, str) else source
@@ -246,6 +248,13 @@ def read_state_dict(source: str | Mapping[str, Any]) -> tuple[dict[str, Any], st
     if not any(_is_array(v) for v in sd.values()):
         raise ConversionError(f'{where} holds no tensors; its entries are {sorted(sd)[:10]}. Expected a state dict, '
                               f"or a checkpoint with a 'model' or 'state_dict' entry.")
+    for k, v in sd.items():  # in the file's order: the first bad key is named
+        if _is_array(v) and np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            bad = int(np.size(v) - np.count_nonzero(np.isfinite(v)))
+            raise ConversionError(
+                f'{where}: {k!r} holds NaN or infinite values ({bad} of {np.size(v)}); the weights are broken '
+                f'(e.g. saved after the training diverged) and are not imported: use an earlier checkpoint of '
+                f'that run, or fetch the file again.')
     if all(k.startswith('module.') for k in sd):
         sd = {k[len('module.'):]: v for k, v in sd.items()}
     return sd, where
