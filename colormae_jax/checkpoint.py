@@ -1,25 +1,38 @@
-"""Checkpoints: writing and reading them (orbax).
+"""Checkpoints: writing and reading them (orbax), verified.
 
 :class:`Checkpointer` is a run's CheckpointManager (asynchronous, atomic, keep the last K).
-Each step directory holds four items:
-  state  - the train state (sharded arrays; restored onto the current mesh),
-  data   - the grain iterator state (one file per process), so a resumed run sees
-           exactly the batches it would have seen (with another process count: the
-           same batch count, in a new order, see ``Checkpointer._restart_data``),
-  config - the run's config as JSON, to explain a mismatch in words,
-  layout - the process count that wrote the step,
+Each step directory holds five items:
+  state     - the train state (sharded arrays; restored onto the current mesh),
+  data      - the grain iterator state (one file per process), so a resumed run sees
+              exactly the batches it would have seen (with another process count: the
+              same batch count, in a new order, see ``Checkpointer._restart_data``),
+  config    - the run's config as JSON, to explain a mismatch in words,
+  layout    - the process count that wrote the step,
+  checksums - a fingerprint of every array (state and extra items) and a digest of the
+              other items (see "Verification" below),
 and the task's extra items (e.g. a masking strategy's host state, the best accuracy).
 
+Verification: :func:`fingerprints` reduces each array, in a jitted integer sum that does
+not depend on the sharding or the process count, to 64 bits; the ``checksums`` item is
+written in the same orbax save as the step (so it commits atomically with it). On resume,
+:meth:`Checkpointer.restore_newest` restores and verifies the newest step; a step that
+fails either is renamed ``STEP.damaged`` (never deleted) and the previous one is tried; if
+none is left, :class:`CheckpointDamaged` says what to do.
+
 The readers of pre-trained params: :func:`load_pretrained` (what ``config.init_from``
-names), :func:`load_training_params` (a run's checkpoint), :func:`load_params` /
-:func:`save_params` (the folder ``tools.convert import`` writes).
+names), :func:`load_training_params` (a run's checkpoint, its params verified),
+:func:`load_params` / :func:`save_params` (the folder ``tools.convert import`` writes).
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
+import hashlib
+import inspect
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import grain
@@ -29,7 +42,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import traverse_util
+from jax import lax
+from jax.experimental import multihost_utils
 
 from colormae_jax import model as model_lib
 from colormae_jax.errors import ConfigError
@@ -52,6 +68,23 @@ class CheckpointError(ValueError):
     """A folder does not hold the params it should; the message says which and what to do."""
 
 
+class StepDamaged(CheckpointError):
+    """One step does not restore or does not verify; ``reason`` names what failed."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f'{where}: {reason}')
+        self.reason = reason
+
+
+class CheckpointDamaged(CheckpointError):
+    """A run has checkpoints, but none restores and verifies: all are set aside as ``STEP.damaged``."""
+
+
+CHECKSUMS = 'checksums'  # the item holding a step's checksum record
+DAMAGED = '.damaged'     # the suffix of a step folder set aside
+_RECORD_VERSION = 1
+
+
 def flat_config(config) -> dict:
     """``{'model.decoder.width': 128, ...}`` of a ConfigDict (or its dict)."""
     d = config.to_dict() if hasattr(config, 'to_dict') else config
@@ -62,19 +95,222 @@ def _keystr(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
+# ------------------------------------------------------------------------------ fingerprints
+# An array's fingerprint: its elements as uint32 words (one per element of 1, 2 or 4 bytes,
+# two per 8-byte element), each mixed with its flat index, summed mod 2**32 in two lanes.
+# Integer sums do not depend on the order of the reduction, so the fingerprint of a global
+# array is the same on every mesh and process count (one jitted reduction, equal on all
+# processes), and numpy computes the same number for a host array.
+
+_M1, _M2, _GOLD, _SALT = (np.uint32(v) for v in (0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9, 0x7F4A7C15))
+
+
+def _mix(h):
+    """murmur3's 32-bit finaliser (numpy or jax uint32: the same wrapping arithmetic)."""
+    h = h ^ (h >> 16)
+    h = h * _M1
+    h = h ^ (h >> 13)
+    h = h * _M2
+    return h ^ (h >> 16)
+
+
+def _lanes(w, i):
+    a = i * _GOLD
+    return _mix(w ^ a), _mix((w + _SALT) ^ (a >> 7) ^ (a << 11))
+
+
+def _jax_words(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    n = jnp.dtype(x.dtype).itemsize
+    if n in (4, 8):  # an 8-byte element -> [..., 2] words
+        return lax.bitcast_convert_type(x, jnp.uint32)
+    return lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[n]).astype(jnp.uint32)
+
+
+@jax.jit
+def _jax_fingerprint(x):
+    w = _jax_words(x)
+    i, stride = jnp.zeros(w.shape, jnp.uint32), 1
+    for d in reversed(range(w.ndim)):  # the row-major flat index, mod 2**32
+        i = i + lax.broadcasted_iota(jnp.uint32, w.shape, d) * np.uint32(stride % 2 ** 32)
+        stride *= w.shape[d]
+    a, b = _lanes(w, i)
+    return jnp.sum(a, dtype=jnp.uint32), jnp.sum(b, dtype=jnp.uint32)
+
+
+def _np_fingerprint(x: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if flat.dtype == np.bool_:
+        w = flat.astype(np.uint32)
+    elif flat.dtype.itemsize in (4, 8):
+        w = flat.view(np.uint32)  # little-endian words, as XLA's bitcast
+    else:
+        w = flat.view({1: np.uint8, 2: np.uint16}[flat.dtype.itemsize]).astype(np.uint32)
+    sa = sb = 0
+    for start in range(0, w.size, chunk):
+        part = w[start:start + chunk]
+        a, b = _lanes(part, (np.arange(start, start + part.size, dtype=np.uint64) % 2 ** 32).astype(np.uint32))
+        sa, sb = (sa + int(a.sum(dtype=np.uint32))) % 2 ** 32, (sb + int(b.sum(dtype=np.uint32))) % 2 ** 32
+    return sa, sb
+
+
+def fingerprints(tree: Any) -> dict:
+    """``{path: {'dtype', 'shape', 'fp'}}`` of every leaf of ``tree`` (jax arrays, sharded or
+    not, and host arrays alike); ``fp``: 16 hex digits, the same for the same values whatever
+    their sharding or process count. Every process must call it (a jitted reduction per
+    global array)."""
+    leaves = [(_keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    pending = {k: _jax_fingerprint(x) for k, x in leaves if isinstance(x, jax.Array)}  # all dispatched first
+    out = {}
+    for k, x in leaves:
+        if k in pending:
+            a, b = (int(np.asarray(v.addressable_data(0))) for v in pending[k])
+        else:
+            x = np.asarray(x)
+            a, b = _np_fingerprint(x)
+        out[k] = {'dtype': str(x.dtype), 'shape': list(np.shape(x)), 'fp': f'{a:08x}{b:08x}'}
+    return out
+
+
+def _digest(obj: Any) -> str:
+    """16 hex digits of a JSON value (key order ignored)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(',', ':')).encode()).hexdigest()[:16]
+
+
+def _all_digests(d: str | None) -> list[str] | None:
+    """Every process's ``d`` (a ``_digest``), in process order."""
+    if d is None or jax.process_count() == 1:
+        return None if d is None else [d]
+    words = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(d), np.uint32))
+    return [np.asarray(w, np.uint32).tobytes().hex() for w in np.asarray(words).reshape(jax.process_count(), -1)]
+
+
+def _compare(recorded: dict, got: dict, item: str) -> list[str]:
+    """What differs between the recorded and the restored fingerprints of an item."""
+    bad = []
+    for k, v in got.items():
+        r = recorded.get(k)
+        if r is None:
+            bad.append(f'{item}/{k}: no checksum recorded')
+        elif r['dtype'] == v['dtype'] and r['fp'] != v['fp']:  # (restored as another dtype: not comparable)
+            bad.append(f'{item}/{k}: checksum differs')
+    return bad
+
+
+def _agree(reason: str | None) -> str | None:
+    """Every process's verdict: None if the step is good on all processes."""
+    if jax.process_count() == 1:
+        return reason
+    failed = np.asarray(multihost_utils.process_allgather(np.asarray(reason is not None))).reshape(-1)
+    if reason is None and failed.any():
+        reason = f'failed on process {", ".join(str(i) for i in np.flatnonzero(failed))} (see its log)'
+    return reason
+
+
+def _abandoned_read(u) -> bool:
+    """An unraisable exception of the reads orbax abandons after one of them failed: its
+    other coroutines, and tensorstore's callbacks into its closed event loop."""
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == 'Event loop is closed':
+        return True
+    code = getattr(u.object, 'cr_code', None) if inspect.iscoroutine(u.object) else None
+    return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore, the step's other reads still end in tensorstore's threads and
+    Python prints each as a traceback ("Exception ignored in ..."): hundreds of lines after
+    the one-line warning. Drops those (only those: anything else goes to the previous hook)."""
+    previous = sys.unraisablehook
+    if getattr(previous, '_colormae_quiet', False):
+        gc.collect()
+        return
+
+    def hook(u):
+        if not _abandoned_read(u):
+            previous(u)
+
+    hook._colormae_quiet = True
+    sys.unraisablehook = hook
+    gc.collect()  # the abandoned coroutines now, under the hook
+
+
+def _one_line(e: BaseException) -> str:
+    if 'See full TensorStore details' in str(e) and e.__cause__ is not None:
+        e = e.__cause__  # orbax's wrapper prints a page of spec; the cause names the array and the error
+    text = str(e).strip().splitlines()
+    text = text[0] if text else ''
+    return f'{type(e).__name__}: {text[:240]}{"..." if len(text) > 240 else ""}'
+
+
+class _Failed:
+    """What a :func:`_tolerant` handler restores when reading its item raised ``error``."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _tolerant(handler):
+    """``handler`` (an orbax item handler), its ``restore`` returning :class:`_Failed` instead
+    of raising. Orbax ends every restore with a barrier that is a collective: a process whose
+    read fails (its own iterator file, the shards only it reads) must still reach it, or the
+    processes would run different collectives (gloo aborts) before they can agree that the
+    step is damaged. (The instance keeps its class: orbax matches handlers to args by class.)"""
+    restore = handler.restore
+
+    def tolerant_restore(*args, **kwargs):
+        try:
+            return restore(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - handed on as _Failed, raised after the barrier
+            return _Failed(e)
+
+    handler.restore = tolerant_restore
+    return handler
+
+
+def _raise_failed(out, names) -> None:
+    for k in names:
+        if isinstance(out[k], _Failed):
+            raise out[k].error
+
+
+class _StateCatcher(grain.DatasetIterator):
+    """A restore target for the ``data`` item: keeps the state, so that it is verified
+    before it reaches the run's iterator (whose ``set_state`` refuses other settings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.state = None
+
+    def __next__(self):
+        raise StopIteration
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state
+
+    def start_prefetch(self) -> None:
+        pass
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, extra_items=()):
         """``extra_items``: the names of the task's extra items (see :meth:`save`)."""
         self.directory = os.path.abspath(directory) if '://' not in directory else directory
+        self.extra_items = tuple(extra_items)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True),
-            item_handlers={'state': ocp.StandardCheckpointHandler(),
-                           'data': grain.checkpoint.CheckpointHandler(),
-                           'config': ocp.JsonCheckpointHandler(),
-                           'layout': ocp.JsonCheckpointHandler(),
-                           **{k: ocp.StandardCheckpointHandler() for k in extra_items}},
+            item_handlers={k: _tolerant(h) for k, h in {
+                'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
+                'config': ocp.JsonCheckpointHandler(), 'layout': ocp.JsonCheckpointHandler(),
+                CHECKSUMS: ocp.JsonCheckpointHandler(),
+                **{k: ocp.StandardCheckpointHandler() for k in extra_items}}.items()},
         )
 
     def latest_step(self) -> int | None:
@@ -82,18 +318,30 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iter: Any, config: Any, *, force: bool = False,
              extra: dict | None = None) -> bool:
-        args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(json.loads(config.to_json())),
-                'layout': ocp.args.JsonSave({'process_count': jax.process_count(),
-                                             'data': None if data_iter is None else data_iter.get_state()})}
+        """Saves ``step`` (asynchronously), with the checksum record of what it saves. The
+        fingerprints are computed here, from the arrays being saved, before the caller's next
+        step can donate them. Every process calls it."""
+        if not force and not self.manager.should_save(step):
+            return False
+        data_state = None if data_iter is None else data_iter.get_state()
+        cfg = json.loads(config.to_json())
+        layout = {'process_count': jax.process_count(), 'data': data_state}
+        record = {'version': _RECORD_VERSION, 'state': fingerprints(state),
+                  'extra': {k: fingerprints(v) for k, v in (extra or {}).items()},
+                  'config': _digest(cfg), 'layout': _digest(layout),
+                  'data': _all_digests(None if data_state is None else _digest(data_state))}
+        args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(cfg),
+                'layout': ocp.args.JsonSave(layout), CHECKSUMS: ocp.args.JsonSave(record)}
         args.update({k: ocp.args.StandardSave(v) for k, v in (extra or {}).items()})
         if data_iter is not None:
             args['data'] = grain.checkpoint.CheckpointSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def check_compatible(self, step: int, abstract_state: Any, config: Any, extra: dict | None = None) -> None:
+    def check_compatible(self, step: int, abstract_state: Any, config: Any, extra: dict | None = None,
+                         saved_config: dict | None = None) -> None:
         """Raises CheckpointMismatch naming what differs between the checkpoint and the config."""
         where = f'{self.directory}/{step}'
-        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        saved = saved_config if saved_config is not None else self._item(step, 'config')
         now, then = flat_config(json.loads(config.to_json())), flat_config(saved)
         diffs = [f'  {k}: checkpoint has {then.get(k)!r}, config has {now.get(k)!r}'
                  for k in SHAPE_KEYS if then.get(k) != now.get(k)]
@@ -127,6 +375,7 @@ class Checkpointer:
                 '\nUse a new --workdir for a different model, or restore the config the checkpoint was written with '
                 f'(saved in {where}/config).')
 
+    # -- restoring, verified
     def restore(self, step: int, abstract_state: Any, data_iter: Any, config: Any,
                 extra: dict | None = None) -> Any:
         """Restores the state onto the shardings of ``abstract_state`` (ShapeDtypeStructs with
@@ -135,36 +384,189 @@ class Checkpointer:
         ``extra`` ({item: abstract tree, or a function of the item's saved metadata that
         returns one}, or None).
 
+        Everything restored is verified against the step's checksum record first (a step
+        written before the record existed is restored unverified, with a note); a step that
+        does not restore or verify raises :class:`StepDamaged` on every process (they agree)
+        and leaves ``data_iter`` untouched. A config that does not fit raises
+        :class:`CheckpointMismatch`.
+
         A checkpoint written by another number of processes restores the state as usual; the
         data iterator restarts at the saved batch count (see :meth:`_restart_data`)."""
-        if extra:
+        where = f'{self.directory}/{step}'
+        phase, got, reason = 'checksums', None, None
+        try:
+            record = self._record(step)
+            phase = 'config'
+            saved_cfg = self._item(step, 'config')
+            _expect(record, 'config', saved_cfg)
+            phase = 'layout'
+            layout = self._item(step, 'layout')
+            _expect(record, 'layout', layout)
+            phase = 'metadata'
             metas = self.manager.item_metadata(step)
-            extra = {k: v(metas.get(k)) if callable(v) else v for k, v in extra.items()}
-        self.check_compatible(step, abstract_state, config, extra)
-        args = {'state': ocp.args.StandardRestore(abstract_state)}
-        args.update({k: ocp.args.StandardRestore(v) for k, v in (extra or {}).items()})
-        written_by = self.data_process_count(step) if data_iter is not None else None
-        if data_iter is not None and written_by in (None, jax.process_count()):
-            args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-        out = self.manager.restore(step, args=ocp.args.Composite(**args))
-        if 'data' not in args and data_iter is not None:
-            self._restart_data(step, data_iter, written_by)
+            if record is not None:
+                self._check_metadata(metas, record)
+            if extra:
+                extra = {k: v(metas.get(k)) if callable(v) else v for k, v in extra.items()}
+            self.check_compatible(step, abstract_state, config, extra, saved_config=saved_cfg)
+            phase = 'state'
+            args = {'state': ocp.args.StandardRestore(abstract_state)}
+            args.update({k: ocp.args.StandardRestore(v) for k, v in (extra or {}).items()})
+            out = self.manager.restore(step, args=ocp.args.Composite(**args))
+            for k in args:
+                phase = k
+                _raise_failed(out, [k])
+            written_by = None if layout.get('data') is None else int(layout['process_count'])
+            data_state = None
+            if data_iter is not None and written_by == jax.process_count():
+                phase = 'data'
+                catcher = _StateCatcher()
+                _raise_failed(self.manager.restore(
+                    step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(catcher))), ['data'])
+                if not isinstance(catcher.state, dict):
+                    raise ValueError(f'not an iterator state: {catcher.state!r:.80}')
+                data_state = catcher.state
+            got = (record, layout, written_by, out, data_state)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever orbax, tensorstore or JSON raise: the step is damaged
+            reason = f'{phase}: {_one_line(e)}'
+            _quiet_abandoned_reads()
+        reason = _agree(reason)
+        if reason is None:
+            reason = _agree(self._verify(*got, extra))  # every process: the fingerprints are collective
+        if reason is not None:
+            raise StepDamaged(where, reason)
+        record, layout, written_by, out, data_state = got
+        if record is None:
+            logging.warning('%s was written without checksums (by an older version): restored unverified.', where)
+        if data_iter is not None:
+            if data_state is not None:
+                data_iter.set_state(data_state)
+                data_iter.start_prefetch()
+            elif written_by is None:
+                logging.warning('%s holds no data iterator state: the data starts from the first batch.', where)
+            else:
+                self._restart_data(step, data_iter, written_by, layout['data'])
         return out['state'], {k: out[k] for k in (extra or {})}
+
+    def restore_newest(self, abstract_state: Any, data_iter: Any, config: Any,
+                       extra: dict | None = None) -> tuple[int, Any, dict] | None:
+        """``(step, state, extra items)`` of the newest step that restores and verifies (see
+        :meth:`restore`), or None when the directory holds no step. A step that fails is renamed
+        ``STEP.damaged`` (by process 0; never deleted), with a one-line warning, and the one
+        before is tried. Raises :class:`CheckpointDamaged` when steps exist (or were set aside,
+        now or before) and none verifies: a run never silently starts again from scratch."""
+        failed = []
+        while (step := self.manager.latest_step()) is not None:
+            try:
+                state, restored = self.restore(step, abstract_state, data_iter, config, extra)
+            except StepDamaged as e:
+                failed.append(f'{step} ({e.reason})')
+                self._set_aside(step, e.reason)
+                continue
+            return step, state, restored
+        aside = self.damaged_steps()
+        if failed or aside:
+            what = (f'no step restores and verifies ({"; ".join(failed)}; set aside as {", ".join(aside)})'
+                    if failed else f'every step was set aside as damaged by an earlier launch ({", ".join(aside)})')
+            raise CheckpointDamaged(
+                f'{self.directory}: {what}; copy a good step folder back from a backup (or rename one back if you '
+                f'know it is good), or move the *{DAMAGED} folders away to start from scratch (or use a new '
+                f'--workdir)')
+        return None
+
+    def damaged_steps(self) -> list[str]:
+        """The folders set aside as damaged (``STEP.damaged``, ``STEP.damaged.N``), newest step first."""
+        d = epath.Path(self.directory)
+        names = [p.name for p in d.iterdir()] if d.exists() else []
+        found = [n for n in names if re.fullmatch(rf'\d+{re.escape(DAMAGED)}(\.\d+)?', n)]
+        return sorted(found, key=lambda n: (-int(n.split('.')[0]), n))
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Renames ``step`` to ``STEP.damaged`` (process 0), waits for it on every process and
+        re-reads the step list (orbax caches it)."""
+        d = epath.Path(self.directory)
+        n = 0
+        while (d / (f'{step}{DAMAGED}' + (f'.{n}' if n else ''))).exists():
+            n += 1
+        if jax.process_count() > 1:  # process 0's choice, made before it renames
+            n = int(multihost_utils.broadcast_one_to_all(np.asarray(n, np.int32)))
+        target = d / (f'{step}{DAMAGED}' + (f'.{n}' if n else ''))
+        if jax.process_index() == 0:
+            (d / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f'colormae_set_aside_{step}')
+        self.manager.reload()
+        logging.warning('%s/%d is damaged (%s): renamed to %s; trying the step before.', self.directory, step,
+                        reason, target.name)
+
+    def _item(self, step: int, name: str) -> Any:
+        """A JSON item of ``step``."""
+        out = self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+        _raise_failed(out, [name])
+        return out[name]
+
+    def _record(self, step: int) -> dict | None:
+        """The checksum record of ``step``; None for a step written before records existed."""
+        step_dir = epath.Path(self.directory) / str(step)
+        if not (step_dir / CHECKSUMS).exists():
+            try:  # orbax's list of the step's items
+                listed = json.loads((step_dir / '_CHECKPOINT_METADATA').read_text()).get('item_handlers') or {}
+            except (OSError, ValueError, AttributeError):
+                listed = {}
+            if CHECKSUMS in listed:
+                raise ValueError('the checksums item is missing')
+            return None
+        record = self._item(step, CHECKSUMS)
+        if not isinstance(record, dict) or record.get('version') != _RECORD_VERSION:
+            raise ValueError(f'not a checksum record of version {_RECORD_VERSION}')
+        return record
+
+    def _check_metadata(self, metas, record: dict) -> None:
+        """The arrays orbax's metadata describes are those the record holds (a damaged
+        metadata file would otherwise pass for a config mismatch)."""
+        items = {'state': record['state'], **record.get('extra', {})}
+        for name, rec in items.items():
+            meta = metas.get(name) if hasattr(metas, 'get') else None
+            if meta is None:
+                raise ValueError(f'no metadata of the {name!r} item')
+            shapes = {_keystr(p): list(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(meta)
+                      if hasattr(m, 'shape')}
+            want = {k: v['shape'] for k, v in rec.items()}
+            if shapes != want:
+                k = sorted(set(shapes) ^ set(want)) or [k for k in sorted(want) if shapes[k] != want[k]]
+                raise ValueError(f'the metadata of {name}/{k[0]} differs from the checksum record')
+
+    def _verify(self, record, layout, written_by, out, data_state, extra) -> str | None:
+        """What does not match the record (None when all does, or when there is no record)."""
+        if record is None:
+            return None
+        bad = _compare(record['state'], fingerprints(out['state']), 'state')
+        for k in extra or {}:
+            bad += _compare(record.get('extra', {}).get(k, {}), fingerprints(out[k]), k)
+        if data_state is not None:
+            saved = record.get('data') or []
+            if len(saved) != jax.process_count() or saved[jax.process_index()] != _digest(data_state):
+                bad.append(f'data: the iterator state of process {jax.process_index()} differs from its checksum')
+        if not bad:
+            return None
+        return bad[0] + (f' (and {len(bad) - 1} more)' if len(bad) > 1 else '')
 
     def _layout(self, step: int) -> dict:
         """The ``layout`` item of ``step``: ``{'process_count', 'data'}`` (process 0's iterator state)."""
-        return self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))['layout']
+        return self._item(step, 'layout')
 
     def data_process_count(self, step: int) -> int | None:
         """How many processes wrote ``step``, or None for a step without a data iterator state."""
         layout = self._layout(step)
         return None if layout['data'] is None else int(layout['process_count'])
 
-    def _restart_data(self, step: int, data_iter: Any, written_by: int) -> None:
+    def _restart_data(self, step: int, data_iter: Any, written_by: int, saved: dict | None = None) -> None:
         """The iterator state of a run with another process count cannot be carried over
         (each process read its own shard). Sets ``data_iter`` to the saved batch count with
         this run's layout: the same position in the epoch, in a new order of the examples."""
-        saved = self._layout(step)['data']
+        saved = self._layout(step)['data'] if saved is None else saved
         now = data_iter.get_state()
         if not (isinstance(saved, dict) and isinstance(now, dict) and 'step' in saved and 'step' in now):
             raise CheckpointMismatch(f'{self.directory}/{step} was written by {written_by} processes and the data '
@@ -185,6 +587,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _expect(record: dict | None, name: str, value: Any) -> None:
+    if record is not None and record.get(name) != _digest(value):
+        raise ValueError(f'the {name!r} item differs from its checksum')
 
 
 # ------------------------------------------------------------------------------ pre-trained params
@@ -240,7 +647,8 @@ def load_training_params(directory: str, step: int | None = None) -> tuple[Param
     if not os.path.isdir(directory):
         raise CheckpointError(f'{directory}: no such directory')
     mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                item_handlers={'config': ocp.JsonCheckpointHandler()})
+                                item_handlers={'config': ocp.JsonCheckpointHandler(),
+                                               CHECKSUMS: ocp.JsonCheckpointHandler()})
     try:
         steps = list(mgr.all_steps())
         if not steps:
@@ -248,16 +656,32 @@ def load_training_params(directory: str, step: int | None = None) -> tuple[Param
         step = max(steps) if step is None else step
         if step not in steps:
             raise CheckpointError(f'{directory} has no step {step}; it has {sorted(steps)}.')
-        cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        where = os.path.join(directory, str(step))
+        try:
+            cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+            record = None
+            if os.path.isdir(os.path.join(where, CHECKSUMS)):
+                record = mgr.restore(step, args=ocp.args.Composite(**{CHECKSUMS: ocp.args.JsonRestore()}))[CHECKSUMS]
+                _expect(record, 'config', cfg)
+        except Exception as e:  # noqa: BLE001 - a damaged step: say so in one line
+            raise CheckpointError(f'{where} is damaged ({_one_line(e)}); name an older step '
+                                  f'({directory}/STEP) or resume the run, which sets damaged steps aside') from None
     finally:
         mgr.close()
     c = model_lib.mae_config(ml_collections.ConfigDict(cfg['model']), cfg['data']['image_size'])
     abstract = _single_device(model_lib.abstract_mae(c)[1])
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract)
-    state = ocp.PyTreeCheckpointer().restore(
-        os.path.join(directory, str(step), 'state'),
-        args=ocp.args.PyTreeRestore(item={'params': abstract}, restore_args={'params': restore_args},
-                                    partial_restore=True))
+    try:
+        state = ocp.PyTreeCheckpointer().restore(
+            os.path.join(where, 'state'),
+            args=ocp.args.PyTreeRestore(item={'params': abstract}, restore_args={'params': restore_args},
+                                        partial_restore=True))
+        bad = [] if record is None else _compare(record['state'], fingerprints({'params': state['params']}), 'state')
+    except Exception as e:  # noqa: BLE001
+        bad = [_one_line(e)]
+    if bad:
+        raise CheckpointError(f'{where} is damaged ({bad[0]}); name an older step ({directory}/STEP) or resume '
+                              f'the run, which sets damaged steps aside')
     return state['params'], c, step
 
 

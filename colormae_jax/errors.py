@@ -16,3 +16,15 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad data input; the message says what is wrong and how to fix it."""
+
+
+class WorkdirError(ConfigError):
+    """The ``--workdir`` cannot be used (another run holds its lock); the message names the
+    holder and what to do."""
+
+    def __init__(self, workdir: str, msg: str | None = None):
+        if msg is None:  # the one-argument form of ConfigError
+            super().__init__(workdir)
+            return
+        ValueError.__init__(self, f'--workdir {workdir}: {msg}')
+        self.key = '--workdir'

@@ -19,6 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from colormae_jax import checkpoint as ckpt_lib, data, metrics, parallel
+from colormae_jax.workdir import WorkdirLock
 
 
 class Task(Protocol):
@@ -60,11 +61,14 @@ def step_rng(seed: int, step: jax.Array) -> jax.Array:
 class _Preemption:
     """When to stop early and save: on SIGTERM or once ``deadline`` (a ``time.time()``) has passed.
 
-    One process: a SIGTERM handler sets a flag. Several processes must all stop at the same
-    step, or the collective save would hang: there JAX's preemption sync service (started by
-    ``jax.distributed``, whose own SIGTERM notifier must not be replaced by a Python handler)
-    picks the step (``CheckpointManager.reached_preemption``), and process 0's clock decides the
-    deadline for all, every ``check_every`` steps.
+    One process: a SIGTERM handler sets :attr:`signalled`; the loop checks it after each step
+    and also before and after the task's host work of a step (``before_step``, where a long pass
+    such as FAMT's weight update may stop early on SIGTERM by chaining its own handler to this
+    one): then the step is not run and the state before it is saved. Several processes must
+    all stop at the same step, or the collective save would hang: there JAX's preemption sync
+    service (started by ``jax.distributed``, whose own SIGTERM notifier must not be replaced by
+    a Python handler) picks the step (``CheckpointManager.reached_preemption``), and process
+    0's clock decides the deadline for all, every ``check_every`` steps.
     """
 
     def __init__(self, ckpt, deadline: float | None, check_every: int):
@@ -118,26 +122,35 @@ def _check_finite(step: int, values: dict, ckpt: ckpt_lib.Checkpointer) -> None:
 def run(task: Task, config, workdir: str, it, abstract_state, init_fn: Callable[[], Any], *,
         stop_after: int | None = None, deadline: float | None = None) -> dict:
     """Checkpoints, logs and the loop around a task: resumes from the newest checkpoint in
-    ``workdir/checkpoints`` (state, iterator and the task's extra items) or starts from
-    ``init_fn()``. Closes the iterator, the checkpointer and the writer."""
+    ``workdir/checkpoints`` that restores and verifies (state, iterator and the task's extra
+    items; a damaged step is set aside as ``STEP.damaged``, see
+    ``Checkpointer.restore_newest``) or, when there is none, starts from ``init_fn()``.
+    Holds the workdir's lock (``workdir.WorkdirLock``: a second run on it is refused) and
+    closes the iterator, the checkpointer and the writer, also on an exception."""
     workdir = os.path.abspath(workdir) if '://' not in workdir else workdir
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.ckpt.keep,
-                                 async_save=config.ckpt.async_save, extra_items=tuple(task.abstract_extra() or ()))
-    writer = metrics.create_writer(os.path.join(workdir, 'tb'))
+    writer = None
     try:
-        start = ckpt.latest_step()
-        if start is not None:
-            state, restored = ckpt.restore(start, abstract_state, it, config, extra=task.abstract_extra())
-            task.load_extra(restored)
-            logging.info('Resumed from %s at step %d.', ckpt.directory, start)
-        else:
-            state, start = init_fn(), 0
-            writer.write_hparams({k: str(v) for k, v in ckpt_lib.flat_config(config).items()})
-        return run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline)
+        with WorkdirLock(workdir):
+            ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.ckpt.keep,
+                                         async_save=config.ckpt.async_save,
+                                         extra_items=tuple(task.abstract_extra() or ()))
+            try:
+                writer = metrics.create_writer(os.path.join(workdir, 'tb'))
+                resumed = ckpt.restore_newest(abstract_state, it, config, extra=task.abstract_extra())
+                if resumed is not None:
+                    start, state, restored = resumed
+                    task.load_extra(restored)
+                    logging.info('Resumed from %s at step %d.', ckpt.directory, start)
+                else:
+                    state, start = init_fn(), 0
+                    writer.write_hparams({k: str(v) for k, v in ckpt_lib.flat_config(config).items()})
+                return run_loop(task, config, state, start, it, ckpt, writer, stop_after, deadline)
+            finally:
+                ckpt.close()  # waits for the last save, inside the lock
     finally:
         it.close()
-        ckpt.close()
-        writer.flush()
+        if writer is not None:
+            writer.flush()
 
 
 def run_loop(task: Task, config, state, start, it, ckpt, writer, stop_after, deadline=None) -> dict:
@@ -145,7 +158,9 @@ def run_loop(task: Task, config, state, start, it, ckpt, writer, stop_after, dea
 
     Metrics are fetched and NaN-checked every ``log_every_steps`` and before every save;
     checkpoints every ``ckpt.every_steps``, at the end, and when :class:`_Preemption` stops the
-    loop (SIGTERM, or ``deadline``, a ``time.time()``, has passed).
+    loop (SIGTERM, or ``deadline``, a ``time.time()``, has passed). The result's ``preempted``
+    is True when it stopped so before the last step (a relaunch resumes; ``main`` exits with
+    ``EXIT_PREEMPTED``); ``stop_after`` (tests) is not a preemption.
     """
     mesh, spe, total = task.mesh, task.steps_per_epoch, task.total_steps
     progress = metrics.ReportProgress(num_train_steps=total, writer=writer,
@@ -154,11 +169,6 @@ def run_loop(task: Task, config, state, start, it, ckpt, writer, stop_after, dea
     losses, pending, data_wait, data_wait_total = [], [], 0.0, 0.0
     end = total if stop_after is None else min(total, start + stop_after)
     loop_t0 = time.perf_counter()
-    if start >= total:
-        logging.info('Training is already complete (step %d of %d); nothing to do.', start, total)
-    else:
-        logging.info('Training steps %d..%d of %d (%d steps/epoch, mesh %s): %s.', start + 1, end, total, spe,
-                     dict(zip(mesh.axis_names, mesh.devices.shape)), task.describe())
 
     def flush(step):
         nonlocal pending, data_wait
@@ -173,10 +183,26 @@ def run_loop(task: Task, config, state, start, it, ckpt, writer, stop_after, dea
         writer.write_scalars(step, last)
         pending, data_wait = [], 0.0
 
-    step = start
-    with _Preemption(ckpt, deadline, config.log_every_steps) as should_stop:
+    step, preempted = start, False
+    with _Preemption(ckpt, deadline, config.log_every_steps) as should_stop:  # SIGTERM saves from here on
+        if start >= total:
+            logging.info('Training is already complete (step %d of %d); nothing to do.', start, total)
+        else:
+            logging.info('Training steps %d..%d of %d (%d steps/epoch, mesh %s): %s.', start + 1, end, total, spe,
+                         dict(zip(mesh.axis_names, mesh.devices.shape)), task.describe())
         for step in range(start + 1, end + 1):
-            task.before_step(step - 1, state, writer, progress)
+            if not should_stop.signalled:
+                task.before_step(step - 1, state, writer, progress)
+            if should_stop.signalled:  # SIGTERM before or during the host work: the step has not run
+                step -= 1
+                flush(step)
+                if step > start and ckpt.latest_step() != step:  # else saved already (or nothing trained)
+                    ckpt.save(step, state, it, config, force=True, extra=task.extra())
+                ckpt.wait()
+                logging.warning('SIGTERM before step %d: %s; exiting.', step + 1,
+                                f'saved step {step}' if step else 'nothing trained, nothing saved')
+                preempted = True
+                break
             with progress.timed('data', wait_jax_async_dispatch=False):
                 t0 = time.perf_counter()
                 batch = data.to_global(task.host_batch(step - 1, next(it)), lambda name, x: bsh)
@@ -201,8 +227,9 @@ def run_loop(task: Task, config, state, start, it, ckpt, writer, stop_after, dea
                 ckpt.wait()
                 task.after_step(step, state, writer)
                 logging.warning('Saved step %d after SIGTERM (or the deadline); exiting.', step)
+                preempted = step < total
                 break
         flush(step)
-    return {'losses': losses, 'state': state, 'step': step, 'total_steps': total,
+    return {'losses': losses, 'state': state, 'step': step, 'total_steps': total, 'preempted': preempted,
             'loop_seconds': time.perf_counter() - loop_t0, 'data_wait_seconds': data_wait_total}
 

@@ -15,6 +15,9 @@ Usage: $(basename "$0") [-g GPU_IDS] [-m FRACTION] [-n] CONFIG WORKDIR [-- EXTRA
   WORKDIR      checkpoints and TensorBoard logs (a local path or gs://); resumed if it exists
   EXTRA        passed to colormae_jax.main, e.g. --config.batch_size=1024
 
+Environment: PYTHON, the interpreter (default python3). Exit code: colormae_jax.main's
+(0 finished, 2 bad flags/config/data, 75 stopped early after saving: relaunch to resume).
+
 XLA flags set here: $GPU_XLA_FLAGS
 (then any XLA_FLAGS of the environment, which win).
 

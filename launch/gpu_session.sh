@@ -24,6 +24,7 @@ Usage: $(basename "$0") STAGE [ARGS]
 
 Wheels in .whl/ are installed into /tmp/site first when present; with PINNED=1 also
 .whl/pinned/ (our pinned flax, optax, orbax-checkpoint over the image's own versions).
+Environment: PYTHON, the interpreter (default python3); OUT, where results go (/tmp/out).
 USAGE
 }
 
@@ -38,10 +39,11 @@ case "$stage" in
   *) echo "error: unknown stage $stage" >&2; usage >&2; exit 2 ;;
 esac
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
+python="${PYTHON:-python3}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   wheels=(.whl/*.whl)
   if [[ "${PINNED:-0}" == 1 ]]; then wheels+=(.whl/pinned/*.whl); fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "${wheels[@]}"
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -53,8 +55,8 @@ case "$stage" in
   setup)
     find .data/cifar10 -maxdepth 1 -mindepth 1 -type d
     nvidia-smi -L
-    python3 -c 'import jax; print(jax.__version__, jax.devices())'
-    python3 - <<'PY'
+    "$python" -c 'import jax; print(jax.__version__, jax.devices())'
+    "$python" - <<'PY'
 from importlib.metadata import PackageNotFoundError, version
 def v(p):
     try:
@@ -67,15 +69,15 @@ PY
   perf)
     # a call may run 600 s: start nothing after 500 s; results are written after every row
     read -r -a perf_flags <<< "${PERF_FLAGS:-}"
-    python3 benchmarks/perf.py --out "$out" --torch_ref .data/torch_mae_ref.py --budget_s 500 \
+    "$python" benchmarks/perf.py --out "$out" --torch_ref .data/torch_mae_ref.py --budget_s 500 \
       ${perf_flags[@]+"${perf_flags[@]}"} 2>&1 |
       tee "$out/perf.log" ;;
   study)
-    python3 benchmarks/cifar10_study.py --preset full --strategies "$1" --root .data/cifar10 \
+    "$python" benchmarks/cifar10_study.py --preset full --strategies "$1" --root .data/cifar10 \
       --data_dir "$PWD/.tfds" --out .study --time_budget_s "$2" 2>&1 | tail -40 | tee "$out/study.log"
     cp .study/results.json .study/results.md "$out/" 2>/dev/null || true
     cp .study/study.png "$out/" 2>/dev/null || true ;;
   tests)
-    JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_masking.py \
+    JAX_PLATFORMS=cuda "$python" -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_masking.py \
       tests/test_colour.py tests/test_famt.py -k "not tool and not bad" 2>&1 | tee "$out/tests.log" ;;
 esac

@@ -10,6 +10,9 @@ Usage: $(basename "$0") CONFIG WORKDIR [-- EXTRA_FLAGS...]
   WORKDIR   checkpoints and TensorBoard logs; an existing one is resumed
   EXTRA     passed to colormae_jax.main, e.g. --config.batch_size=512
 
+Environment: PYTHON, the interpreter (default python3). Exit code: colormae_jax.main's
+(0 finished, 2 bad flags/config/data, 75 stopped early after saving: relaunch to resume).
+
 Example:
   $(basename "$0") configs/cifar10.py:mask=random /tmp/mae_cifar -- --config.total_epochs=100
 USAGE

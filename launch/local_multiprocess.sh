@@ -2,7 +2,8 @@
 # Pre-train with N processes on this machine over 127.0.0.1, each with K CPU devices: a
 # multi-host run in miniature (jax.distributed, gloo collectives), to try multi-process code
 # without a cluster. Waits for all processes; if one fails, stops the others and exits with
-# its exit code.
+# its exit code (75, the run stopped early after saving, is not a failure: the others stop
+# at the same step by themselves).
 set -euo pipefail
 
 usage() {
@@ -19,7 +20,8 @@ Usage: $(basename "$0") [-n PROCESSES] [-d DEVICES] [-p PORT] [-t SECONDS] CONFI
   EXTRA         passed to colormae_jax.main, e.g. --config.batch_size=64
 
 The output of process i is prefixed with [i]. Environment: PYTHON (default python3);
-XLA_FLAGS is passed on after the device count.
+XLA_FLAGS is passed on after the device count. Exit code: 0 when every process finished, 75
+when they stopped early after saving (SIGTERM: relaunch to resume), else the first failure's.
 
 Example:
   $(basename "$0") -n 2 -d 2 configs/cifar10.py:smoke /tmp/mae_mp -- --config.total_steps=20
@@ -85,12 +87,13 @@ for ((i = 0; i < num; i++)); do
 done
 
 # Wait for every process; the first failure stops the others and gives the exit code.
-running=("${pids[@]}")
+running=("${pids[@]}") preempted=0
 while (( ${#running[@]} > 0 )); do
   still=()
   for pid in "${running[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
     if wait "$pid"; then rc=0; else rc=$?; fi
+    if (( rc == 75 )); then preempted=1; continue; fi  # saved and stopped early: the others follow
     if (( rc != 0 )); then
       echo "A process (pid $pid) exited with status $rc: stopping the others." >&2
       stop_all
@@ -102,4 +105,8 @@ while (( ${#running[@]} > 0 )); do
   (( ${#running[@]} == 0 )) || sleep 1
 done
 wait || true  # the output filters
+if (( preempted )); then
+  echo "The processes stopped early after saving (exit code 75); relaunch the same command to resume." >&2
+  exit 75
+fi
 echo "All $num processes finished." >&2

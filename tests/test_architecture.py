@@ -15,7 +15,7 @@ LAYERS = [
     ('tasks', ['tasks', 'tasks.*']),
     ('shared', ['loop', 'optim', 'knn', 'checkpoint', 'config_lib', 'masking', 'masking.*']),
     ('base', ['model', 'classifier', 'augment', 'data', 'datasets', 'parallel', 'metrics', 'distributed',
-              'defaults']),
+              'defaults', 'workdir']),
     ('bottom', ['errors']),
 ]
 

@@ -34,8 +34,9 @@ BAD = {
 
 
 def sh(script, *args, env=None, timeout=60):
+    """Runs a launch script with this test's interpreter as ``PYTHON`` (unless ``env`` sets another)."""
     return subprocess.run([os.path.join(LAUNCH, script), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, **(env or {})))
+                          timeout=timeout, env={**os.environ, 'PYTHON': sys.executable, **(env or {})})
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
@@ -110,13 +111,15 @@ def test_dry_runs_print_the_commands():
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# A stand-in for python3: process 1 exits with 3 after 1 s, the others sleep (FAKE_OK=1: all exit 0).
-if [[ "$1" == "-c" ]]; then exec python3 "$@"; fi
+# A stand-in for python3: process 1 exits with 3 after 1 s, the others sleep (FAKE_OK=1: all exit 0;
+# FAKE_RC=N: all exit N).
+if [[ "$1" == "-c" ]]; then exec "$REAL_PYTHON" "$@"; fi
 for a in "$@"; do case "$a" in --process_id=*) id="${a#*=}";; esac; done
 echo "args: $*"
 echo "XLA_FLAGS=$XLA_FLAGS"
 echo $$ > "$FAKE_DIR/pid.$id"
 if [[ -n "${FAKE_OK:-}" ]]; then exit 0; fi
+if [[ -n "${FAKE_RC:-}" ]]; then exit "$FAKE_RC"; fi
 if [[ "$id" == 1 ]]; then sleep 1; exit 3; fi
 exec sleep 60
 """
@@ -126,7 +129,7 @@ def test_local_multiprocess_stops_all_when_one_fails(tmp_path):
     fake = tmp_path / 'python'
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    env = {'PYTHON': str(fake), 'FAKE_DIR': str(tmp_path)}
+    env = {'PYTHON': str(fake), 'FAKE_DIR': str(tmp_path), 'REAL_PYTHON': sys.executable}
     t0 = time.monotonic()
     r = sh('local_multiprocess.sh', '-n', '3', '-d', '4', '-p', '12345', CONFIG, str(tmp_path / 'w'), '--',
            '--config.total_steps=5', env=env)
@@ -144,6 +147,44 @@ def test_local_multiprocess_stops_all_when_one_fails(tmp_path):
                 f'--coordinator_address=127.0.0.1:') in r.stdout
         assert f'--num_processes=2 --process_id={i} --cpu_collectives=gloo' in r.stdout
     assert '[0] XLA_FLAGS=--xla_force_host_platform_device_count=2' in r.stdout
+
+
+def test_local_multiprocess_passes_on_preemption(tmp_path):
+    """Exit code 75 (stopped early after saving) is not a failure: the others are not killed,
+    and the launcher exits 75 so that a requeue wrapper relaunches it."""
+    fake = tmp_path / 'python'
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {'PYTHON': str(fake), 'FAKE_DIR': str(tmp_path), 'REAL_PYTHON': sys.executable, 'FAKE_RC': '75'}
+    r = sh('local_multiprocess.sh', '-n', '2', CONFIG, str(tmp_path / 'w'), env=env)
+    assert r.returncode == 75, r.stderr
+    assert 'stopping the others' not in r.stderr and 'relaunch the same command to resume' in r.stderr
+
+
+def _remote_command(dry_run_line: str) -> str:
+    """The --command=... of a ``gcloud ... tpu-vm ssh`` line printed by tpu_pod.sh -n (bash-quoted)."""
+    words = subprocess.run(['bash', '-c', f'for w in {dry_run_line}; do printf "%s\\0" "$w"; done'],
+                           capture_output=True, text=True, check=True).stdout.split('\0')
+    return next(w for w in words if w.startswith('--command='))[len('--command='):]
+
+
+@pytest.mark.slow
+def test_tpu_pod_relaunches_while_the_run_is_preempted(tmp_path):
+    """-r: the command run on every worker relaunches the run while it exits with 75 (10 s apart)
+    and ends with any other exit code; here run locally with a stand-in interpreter."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/usr/bin/env bash\nn=$(( $(cat "$COUNT" 2>/dev/null || echo 0) + 1 )); echo $n > "$COUNT"\n'
+                    'if (( n < 2 )); then exit 75; fi; exit 3\n')
+    fake.chmod(0o755)
+    r = sh('tpu_pod.sh', '-n', '-i', '-r', 'pod', 'us-central2-b', CONFIG, 'gs://b/w', env={'PYTHON': str(fake)})
+    assert r.returncode == 0, r.stderr
+    command = _remote_command(r.stdout.splitlines()[-1])
+    assert command.startswith('cd ~/colormae_jax && while true; do ') and 'colormae_jax.main' in command
+    (tmp_path / 'colormae_jax').mkdir()
+    run = subprocess.run(['bash', '-c', command], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, HOME=str(tmp_path), COUNT=str(tmp_path / 'count')))
+    assert run.returncode == 3 and (tmp_path / 'count').read_text().strip() == '2', run.stderr
+    assert 'relaunching' in run.stderr
 
 
 @pytest.mark.slow

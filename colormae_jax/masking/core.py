@@ -105,10 +105,21 @@ class HostState:
     The training task calls :meth:`refresh` before every step, merges :meth:`batch_fields`
     into each process-local batch of the steps the strategy masks, and saves :meth:`items`
     with each checkpoint (restored through :meth:`abstract_items` and :meth:`load_items`).
+
+    Preemption: when SIGTERM arrives before or during :meth:`refresh` (one process), the
+    training loop saves the state as it was before the step (the host state's items too) and
+    exits without running the step; the relaunch calls :meth:`refresh` for that step again.
+    A long refresh (a pass over the dataset) should therefore stop early on SIGTERM, between
+    two pieces of work, and leave its items marked stale so that the relaunch redoes it in
+    full: FAMT's pass chains a handler to the loop's for its duration and then leaves
+    ``updated_at`` unchanged (``masking/famt.py``, ``_sigterm_flag``). With several processes
+    a collective pass must not stop on one process alone: it finishes, and JAX's preemption
+    sync point stops the run after the next step.
     """
 
     def refresh(self, step: int, params: Any, writer: Any) -> None:
-        """Before 0-based ``step``, with the current params (e.g. recompute per-example weights)."""
+        """Before 0-based ``step``, with the current params (e.g. recompute per-example weights);
+        may return early on SIGTERM (see the class docstring)."""
 
     def batch_fields(self, batch: dict) -> dict:
         """Entries added to a process-local numpy batch (its ``index`` names the examples)."""

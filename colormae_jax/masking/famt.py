@@ -19,11 +19,14 @@ Three parts:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -318,16 +321,54 @@ def _store_mesh(mesh) -> jax.sharding.Mesh:
 
 
 def update_pass(store: WeightStore, weights_fn, batches, mesh, *, show_progress: bool,
-                total: int | None = None) -> float:
+                total: int | None = None, should_stop: Callable[[], bool] | None = None) -> float | None:
     """Recomputes every row of ``store``. ``batches``: this process's examples, whole images,
     padded (``data.make_eval_iterator(view='resize')``); ``weights_fn``: jitted, global images
-    -> global [B, N] maps. Returns the seconds taken."""
+    -> global [B, N] maps. Returns the seconds taken, or None when ``should_stop()`` turned
+    True between two batches: the pass then stops there (``batches`` closed), the rows written
+    so far stay, and the caller leaves ``store.updated_at`` as it was, so that the update is
+    redone in full (see :meth:`FAMTState.refresh`)."""
     t0 = time.perf_counter()
     sharding = parallel.batch_sharding(mesh)
-    for batch in tqdm(batches, total=total, desc='FAMT weight update', unit='batch', disable=not show_progress):
-        images = jax.make_array_from_process_local_data(sharding, batch['image'])
-        store.write(batch['index'], parallel.local_rows(weights_fn(images), mesh), batch['valid'])
+    try:
+        for batch in tqdm(batches, total=total, desc='FAMT weight update', unit='batch', disable=not show_progress):
+            images = jax.make_array_from_process_local_data(sharding, batch['image'])
+            store.write(batch['index'], parallel.local_rows(weights_fn(images), mesh), batch['valid'])
+            if should_stop is not None and should_stop():
+                return None
+    finally:
+        close = getattr(batches, 'close', None)
+        if close is not None:
+            close()
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[Callable[[], bool]]:
+    """Yields ``stopped()``, True once SIGTERM has arrived, for a pass to stop between batches.
+
+    The SIGTERM handler in place (the training loop's: save after the step, then exit) is
+    chained, not replaced, and restored afterwards. Nothing is installed, and ``stopped()``
+    stays False, with several processes (the pass is a collective: every process must run
+    all its batches; JAX's preemption sync point stops the run after the next step), outside
+    the main thread, or when no Python handler is in place (outside the loop SIGTERM keeps
+    its default: the process ends).
+    """
+    received = threading.Event()
+    old = signal.getsignal(signal.SIGTERM)
+    if jax.process_count() > 1 or not callable(old) or threading.current_thread() is not threading.main_thread():
+        yield received.is_set
+        return
+
+    def handle(signum, frame):
+        received.set()
+        old(signum, frame)
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield received.is_set
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ----------------------------------------------------------------------------- the host state
@@ -384,9 +425,14 @@ class FAMTState(core.HostState):
         batches = data.make_eval_iterator(run.config.data, split=run.config.data.split, global_batch_size=bs,
                                           process_index=jax.process_index(), process_count=jax.process_count(),
                                           view='resize')
-        secs = update_pass(self.store, functools.partial(self._weights_fn, params), batches, run.mesh,
-                           show_progress=jax.process_index() == 0,
-                           total=math.ceil(n_local / (bs // jax.process_count())))
+        with _sigterm_flag() as stopped:
+            secs = update_pass(self.store, functools.partial(self._weights_fn, params), batches, run.mesh,
+                               show_progress=jax.process_index() == 0,
+                               total=math.ceil(n_local / (bs // jax.process_count())), should_stop=stopped)
+        if secs is None:  # SIGTERM: the loop saves the state before this step and exits; the resumed run redoes it
+            logging.warning('FAMT weight update before step %d interrupted by SIGTERM; it is redone in full when the '
+                            'run resumes.', step + 1)
+            return
         self.store.updated_at = np.asarray(step, np.int64)
         logging.info('FAMT weights of %d examples updated before step %d (epoch %.1f) in %.1f s.',
                      self.store.num_examples, step + 1, step / run.steps_per_epoch, secs)

@@ -1,0 +1,188 @@
+"""The lock of a workdir: one training run at a time writes a workdir's checkpoints.
+
+:class:`WorkdirLock` (used by ``loop.run``): process 0 creates ``WORKDIR/run.lock`` with
+``os.open(O_CREAT | O_EXCL)`` (atomic: of two runs, one creates it) holding its host, pid,
+process start time and start date as JSON, and removes it when the run ends (also on an
+exception). A second run on the same workdir is refused at once with a
+:class:`~colormae_jax.errors.WorkdirError` naming the holder's host and pid. A lock whose
+holder is dead (same host, pid not alive, or the pid now belongs to a process started at
+another time) is stale: it is taken over with a warning. A lock held from another host
+cannot be checked and is never taken over; the message says how to remove it. Every
+process of a multi-process run learns process 0's verdict. A ``gs://`` (any ``://``)
+workdir is not locked (a logged note).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+import uuid
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from colormae_jax.errors import WorkdirError
+
+LOCK_FILE = 'run.lock'
+UNREADABLE_STALE_AFTER_S = 30.0  # an unreadable lock file older than this was left by a crash
+RETRY_S = 1.0  # how long to re-read a lock file being written, or to retry after taking one over
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rpartition(')')[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _read(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) and 'pid' in holder and 'host' in holder else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(holder: dict) -> str | None:
+    """Why the lock of ``holder`` is stale, or None if its run may be alive."""
+    if holder.get('host') != socket.gethostname():
+        return None  # cannot be checked from here
+    pid = int(holder['pid'])
+    if not _alive(pid):
+        return f'pid {pid} is not running'
+    start = _start_time(pid)
+    if holder.get('start') is not None and start is not None and start != holder['start']:
+        return f'pid {pid} now belongs to another process'
+    return None
+
+
+class WorkdirLock:
+    """``with WorkdirLock(workdir):`` holds ``workdir``'s lock (process 0) for the block.
+    Every process enters and leaves it; all raise WorkdirError if process 0 cannot lock."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.token: str | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if '://' in self.workdir:
+            logging.info('%s is not a local folder: it is not locked; make sure no other run uses it.', self.workdir)
+            return
+        error = None
+        if jax.process_index() == 0:
+            try:
+                self.token = self._acquire()
+            except WorkdirError as e:
+                error = e
+            except OSError as e:
+                error = WorkdirError(self.workdir, f'cannot create its lock {self.path} ({e}); check the folder '
+                                                   f'is writable')
+        if jax.process_count() > 1:
+            refused = bool(multihost_utils.broadcast_one_to_all(np.asarray(error is not None)))
+            if refused and error is None:
+                error = WorkdirError(self.workdir, 'process 0 could not lock it (its log says who holds it)')
+        if error is not None:
+            raise error
+
+    def _acquire(self) -> str:
+        os.makedirs(self.workdir, exist_ok=True)
+        me = {'host': socket.gethostname(), 'pid': os.getpid(), 'start': _start_time(os.getpid()),
+              'since': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+              'token': uuid.uuid4().hex}
+        deadline = time.monotonic() + RETRY_S
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read(self.path)
+                why = self._stale_why(holder)
+                if why is None:
+                    if holder is None and time.monotonic() < deadline:  # being written: read it again
+                        time.sleep(0.1)
+                        continue
+                    raise self._busy(holder) from None
+                self._take_over(holder, why)
+                if time.monotonic() > deadline:
+                    raise self._busy(holder) from None
+                continue
+            with os.fdopen(fd, 'w') as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return me['token']
+
+    def _stale_why(self, holder: dict | None) -> str | None:
+        if holder is not None:
+            return _stale(holder)
+        try:
+            age = time.time() - os.path.getmtime(self.path)
+        except FileNotFoundError:
+            return 'gone'
+        return f'unreadable, {age:.0f} s old' if age > UNREADABLE_STALE_AFTER_S else None
+
+    def _take_over(self, holder: dict | None, why: str) -> None:
+        """Moves the stale lock away (atomically: of two runs taking over, one moves it), then
+        checks that what was moved is the lock judged stale (else puts it back)."""
+        aside = f'{self.path}.stale.{os.getpid()}'
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another run moved it first; try again
+        moved = _read(aside)
+        if holder is not None and (moved is None or moved.get('token') != holder.get('token')):
+            if not os.path.exists(self.path):  # a fresh lock of another run: give it back
+                os.rename(aside, self.path)
+            return
+        os.remove(aside)
+        if why != 'gone':
+            who = f'host {holder["host"]}, pid {holder["pid"]}' if holder else 'unknown holder'
+            logging.warning('Took over the stale lock of %s (%s; %s).', self.workdir, who, why)
+
+    def _busy(self, holder: dict | None) -> WorkdirError:
+        if holder is None:
+            return WorkdirError(self.workdir, f'its lock {self.path} is unreadable and recent; if no run uses this '
+                                              f'workdir, delete the file')
+        here = holder.get('host') == socket.gethostname()
+        return WorkdirError(
+            self.workdir, f'another run holds it: host {holder["host"]}, pid {holder["pid"]}, since '
+                          f'{holder.get("since", "?")} ({self.path}). Wait for that run to end or stop it, or use '
+                          f'another --workdir' + ('' if here else '; if that run is gone (another host cannot be '
+                                                                    f'checked from here), delete {self.path}'))
+
+    def release(self) -> None:
+        if self.token is None:
+            return
+        token, self.token = self.token, None
+        holder = _read(self.path)
+        if holder is None or holder.get('token') != token:
+            logging.warning('The lock %s is no longer this run\'s; left as it is.', self.path)
+            return
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
