@@ -19,13 +19,10 @@ written in the same orbax save as the step (so it commits atomically with it). O
 fails either is renamed ``STEP.damaged`` (never deleted) and the previous one is tried; if
 none is left, :class:`CheckpointDamaged` says what to do.
 
-The readers of pre-trained params: :func:`load_pretrained` (what ``config.init_from``
-names), :func:`load_training_params` (a run's checkpoint, its params verified),
-:func:`load_params` / :func:`save_params` (the folder ``tools.convert import`` writes).
+The readers of pre-trained params are in :mod:`colormae_jax.weights`.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import inspect
@@ -38,7 +35,6 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -47,11 +43,7 @@ from flax import traverse_util
 from jax import lax
 from jax.experimental import multihost_utils
 
-from colormae_jax import model as model_lib
-from colormae_jax.errors import ConfigError
-
 Params = Any
-PARAMS_ITEM, CONFIG_FILE = 'params', 'mae_config.json'  # the folder save_params writes
 # Keys of a data iterator state that depend on the process layout (data.TrainIterator's fingerprint).
 PROCESS_LAYOUT_KEYS = ('process_index', 'process_count', 'batch')
 
@@ -592,121 +584,3 @@ class Checkpointer:
 def _expect(record: dict | None, name: str, value: Any) -> None:
     if record is not None and record.get(name) != _digest(value):
         raise ValueError(f'the {name!r} item differs from its checksum')
-
-
-# ------------------------------------------------------------------------------ pre-trained params
-
-def _config_to_json(c: model_lib.MAEConfig) -> dict:
-    d = dataclasses.asdict(c)
-    d['dtype'] = jnp.dtype(c.dtype).name
-    return d
-
-
-def _single_device(abstract: Params) -> Params:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-
-
-def save_params(path: str, params: Params, mae_config: model_lib.MAEConfig) -> str:
-    """Writes ``path/params`` (orbax StandardCheckpointer, the pure dict) and ``path/mae_config.json``
-    into a new folder (an existing ``path`` is never overwritten)."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        raise CheckpointError(f'{path} exists; choose a new directory (it is never overwritten).')
-    os.makedirs(path)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_ITEM), params)
-    with open(os.path.join(path, CONFIG_FILE), 'w') as f:
-        json.dump(_config_to_json(mae_config), f, indent=1)
-    return path
-
-
-def load_params(path: str) -> tuple[Params, model_lib.MAEConfig]:
-    """Reads what :func:`save_params` (and ``convert import``) wrote: (params, MAEConfig)."""
-    path = os.path.abspath(path)
-    cfg_file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg_file):
-        raise CheckpointError(f'{path} has no {CONFIG_FILE}: it was not written by convert import / save_params.')
-    with open(cfg_file) as f:
-        d = json.load(f)
-    c = model_lib.MAEConfig(**dict(d, dtype=jnp.dtype(d['dtype'])))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(path, PARAMS_ITEM), _single_device(model_lib.abstract_mae(c)[1]))
-    return params, c
-
-
-def load_training_params(directory: str, step: int | None = None) -> tuple[Params, model_lib.MAEConfig, int]:
-    """The params of a checkpoint written by ``colormae_jax.main`` -> (params, MAEConfig, step).
-
-    ``directory``: the run's ``--workdir`` or its ``checkpoints`` folder; ``step``: None for the newest.
-    The model comes from the run's saved config; only the params are read (not the optimizer state).
-    """
-    directory = os.path.abspath(directory)
-    if os.path.isdir(os.path.join(directory, 'checkpoints')):
-        directory = os.path.join(directory, 'checkpoints')
-    if not os.path.isdir(directory):
-        raise CheckpointError(f'{directory}: no such directory')
-    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                item_handlers={'config': ocp.JsonCheckpointHandler(),
-                                               CHECKSUMS: ocp.JsonCheckpointHandler()})
-    try:
-        steps = list(mgr.all_steps())
-        if not steps:
-            raise CheckpointError(f'{directory} holds no checkpoint (no step folders).')
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise CheckpointError(f'{directory} has no step {step}; it has {sorted(steps)}.')
-        where = os.path.join(directory, str(step))
-        try:
-            cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-            record = None
-            if os.path.isdir(os.path.join(where, CHECKSUMS)):
-                record = mgr.restore(step, args=ocp.args.Composite(**{CHECKSUMS: ocp.args.JsonRestore()}))[CHECKSUMS]
-                _expect(record, 'config', cfg)
-        except Exception as e:  # noqa: BLE001 - a damaged step: say so in one line
-            raise CheckpointError(f'{where} is damaged ({_one_line(e)}); name an older step '
-                                  f'({directory}/STEP) or resume the run, which sets damaged steps aside') from None
-    finally:
-        mgr.close()
-    c = model_lib.mae_config(ml_collections.ConfigDict(cfg['model']), cfg['data']['image_size'])
-    abstract = _single_device(model_lib.abstract_mae(c)[1])
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract)
-    try:
-        state = ocp.PyTreeCheckpointer().restore(
-            os.path.join(where, 'state'),
-            args=ocp.args.PyTreeRestore(item={'params': abstract}, restore_args={'params': restore_args},
-                                        partial_restore=True))
-        bad = [] if record is None else _compare(record['state'], fingerprints({'params': state['params']}), 'state')
-    except Exception as e:  # noqa: BLE001
-        bad = [_one_line(e)]
-    if bad:
-        raise CheckpointError(f'{where} is damaged ({bad[0]}); name an older step ({directory}/STEP) or resume '
-                              f'the run, which sets damaged steps aside')
-    return state['params'], c, step
-
-
-def load_any_params(source: str, step: int | None = None) -> tuple[Params, model_lib.MAEConfig, str]:
-    """Params from an ``import`` output directory or a training run -> (params, MAEConfig, description)."""
-    if os.path.isfile(os.path.join(source, CONFIG_FILE)):
-        params, c = load_params(source)
-        return params, c, f'imported params {os.path.abspath(source)}'
-    params, c, step = load_training_params(source, step)
-    return params, c, f'training checkpoint {os.path.abspath(source)} step {step}'
-
-
-def load_pretrained(init_from: str) -> tuple[dict, model_lib.MAEConfig, str]:
-    """(MAE params as a pure dict, its MAEConfig, a description) from ``config.init_from``: a
-    pre-training workdir, ``WORKDIR/checkpoints/STEP``, or a ``tools.convert import`` folder."""
-    if not init_from:
-        raise ConfigError('init_from', 'set the pre-training run to evaluate, e.g. '
-                                       '--config.init_from=/tmp/mae_green (a workdir or its checkpoints/STEP)')
-    step = None
-    m = re.match(r'^(.*?)/checkpoints/(\d+)/?$', init_from)
-    if m:
-        init_from, step = m.group(1), int(m.group(2))
-    if not os.path.isdir(init_from):
-        raise ConfigError('init_from', f'{init_from!r} is not a directory')
-    try:
-        return load_any_params(init_from, step)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise ConfigError('init_from', f'cannot read pre-trained params from {init_from!r}: {e}') from None

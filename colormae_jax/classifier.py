@@ -69,7 +69,7 @@ class Classifier(nnx.Module):
         self.c, self.pool = c, pool
         self.encoder = ViTEncoder(c, drop_path_rate=drop_path_rate, learn_pos_embed=learn_pos_embed, rngs=rngs)
         if pool == 'mean':
-            self.fc_norm = nnx.LayerNorm(c.width, epsilon=1e-6, dtype=c.dtype, rngs=rngs)
+            self.fc_norm = nnx.LayerNorm(c.width, epsilon=c.ln_eps, dtype=c.dtype, rngs=rngs)
         self.head = nnx.Linear(c.width, num_classes, kernel_init=_timm_trunc_normal(2e-5),
                                bias_init=nnx.initializers.zeros_init(), dtype=c.dtype, rngs=rngs)
 

@@ -190,12 +190,12 @@ class Block(nnx.Module):
     """
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, *, attn_impl, dtype, rngs: nnx.Rngs,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, eps: float = 1e-6):
         if not 0.0 <= drop_path_rate <= 1.0:
             raise ValueError(f'drop_path_rate={drop_path_rate} is not in [0, 1]')
-        self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(dim, heads, attn_impl=attn_impl, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(dim, mlp_dim, dtype=dtype, rngs=rngs)
         self.drop_path = nnx.Dropout(float(drop_path_rate), broadcast_dims=(1, 2))
 
@@ -231,6 +231,7 @@ class MAEConfig:
     dtype: Any = jnp.float32  # compute dtype; parameters are always float32
     attn_impl: str = 'auto'
     remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+    ln_eps: float = 1e-6  # every LayerNorm's epsilon (MAE: 1e-6; Hugging Face ViTMAE: 1e-12)
 
     @property
     def grid(self) -> int:
@@ -278,9 +279,9 @@ class ViTEncoder(nnx.Module):
         self.patch_embed = nnx.Linear(fan_in, c.width, kernel_init=_xavier(), dtype=c.dtype, rngs=rngs)
         self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, c.width)) * 0.02)
         self.blocks = nnx.List([Block(c.width, c.heads, c.mlp_dim, attn_impl=c.attn_impl, dtype=c.dtype, rngs=rngs,
-                                      drop_path_rate=rate)
+                                      drop_path_rate=rate, eps=c.ln_eps)
                                 for rate in drop_path_rates(drop_path_rate, c.depth)])
-        self.norm = nnx.LayerNorm(c.width, epsilon=1e-6, dtype=c.dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(c.width, epsilon=c.ln_eps, dtype=c.dtype, rngs=rngs)
 
     def embed(self, images: jax.Array, keep_idx: jax.Array | None) -> jax.Array:
         c = self.c
@@ -330,8 +331,8 @@ class MAEDecoder(nnx.Module):
         self.mask_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, c.dec_width)) * 0.02)
         self.blocks = nnx.List([
             Block(c.dec_width, c.dec_heads, c.dec_width * c.dec_mlp_ratio, attn_impl=c.attn_impl, dtype=c.dtype,
-                  rngs=rngs) for _ in range(c.dec_depth)])
-        self.norm = nnx.LayerNorm(c.dec_width, epsilon=1e-6, dtype=c.dtype, rngs=rngs)
+                  rngs=rngs, eps=c.ln_eps) for _ in range(c.dec_depth)])
+        self.norm = nnx.LayerNorm(c.dec_width, epsilon=c.ln_eps, dtype=c.dtype, rngs=rngs)
         self.pred = nnx.Linear(c.dec_width, c.patch_dim, kernel_init=_xavier(), dtype=c.dtype, rngs=rngs)
 
     def __call__(self, latent: jax.Array, visible_idx: jax.Array, masked_idx: jax.Array) -> jax.Array:

@@ -13,7 +13,7 @@ PKG = ROOT / 'colormae_jax'
 LAYERS = [
     ('entry', ['main', 'tools.*']),
     ('tasks', ['tasks', 'tasks.*']),
-    ('shared', ['loop', 'optim', 'knn', 'checkpoint', 'config_lib', 'masking', 'masking.*']),
+    ('shared', ['loop', 'optim', 'knn', 'checkpoint', 'weights', 'config_lib', 'masking', 'masking.*']),
     ('base', ['model', 'classifier', 'augment', 'data', 'datasets', 'parallel', 'metrics', 'distributed',
               'defaults', 'workdir']),
     ('bottom', ['errors']),

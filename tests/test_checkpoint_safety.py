@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from test_multihost import Workers, assert_trees_close, params_of
 
-from colormae_jax import checkpoint, datasets, errors, main, workdir as workdir_lib
+from colormae_jax import checkpoint, datasets, errors, main, weights, workdir as workdir_lib
 
 from helpers import make_folder, smoke_config
 
@@ -259,11 +259,11 @@ def test_training_params_reader_refuses_a_damaged_step(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path / 'wd' / 'checkpoints'), async_save=False)
     ckpt.save(7, {'step': jnp.asarray(7, jnp.int32), 'params': params}, None, config, force=True)
     ckpt.close()
-    checkpoint.load_training_params(str(tmp_path / 'wd'))
+    weights.load_training_params(str(tmp_path / 'wd'))
     overwrite_inside(tmp_path / 'wd' / 'checkpoints' / '7', params['decoder']['blocks'][0]['attn']['qkv']['kernel'])
     with pytest.raises(checkpoint.CheckpointError, match=r'checkpoints/7 is damaged \(state/params/.*: checksum '
                                                          r'differs\); name an older step'):
-        checkpoint.load_training_params(str(tmp_path / 'wd'))
+        weights.load_training_params(str(tmp_path / 'wd'))
 
 
 # ----------------------------------------------------------------------------- the lock

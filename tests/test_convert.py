@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from colormae_jax import checkpoint, masking, model as M  # noqa: E402
+from colormae_jax import checkpoint, masking, model as M, weights  # noqa: E402
 from colormae_jax.tools import convert  # noqa: E402
 
 import torch_mae  # noqa: E402
@@ -251,7 +251,7 @@ def test_cli_import_then_export(ref, tmp_path, capsys):
     assert convert.main(['import', src, dst, '--heads', '2', '--dec_heads', '2']) == 0
     printed = capsys.readouterr().out
     assert 'layout mae' in printed and 'Filled 48 of 48 parameter arrays.' in printed and 'Wrote' in printed
-    params, c = checkpoint.load_params(dst)
+    params, c = weights.load_params(dst)
     assert c == dataclasses.replace(C, attn_impl='auto')
     assert_identical(params, convert.import_torch(ref.state_dict(), C)[0])
     assert convert.main(['export', dst, out, '--layout', 'timm']) == 0
@@ -283,14 +283,14 @@ def test_export_from_a_training_checkpoint(tmp_path):
     back, report = convert.import_torch(out, c)
     assert not report.unfilled and not report.notes
     assert_identical(back, params)
-    restored, c2, step = checkpoint.load_training_params(str(tmp_path / 'wd'))
+    restored, c2, step = weights.load_training_params(str(tmp_path / 'wd'))
     assert step == 7 and c2 == c
     with pytest.raises(checkpoint.CheckpointError, match=r'has no step 3; it has \[7\]'):
-        checkpoint.load_training_params(str(tmp_path / 'wd'), step=3)
+        weights.load_training_params(str(tmp_path / 'wd'), step=3)
     assert os.listdir(tmp_path / 'wd' / 'checkpoints') == ['7']
     # The same file imported with the run's config file instead of the inferred shapes.
     config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'cifar10.py')
     assert convert.main(['import', out, str(tmp_path / 'params'), '--config', f'{config_file}:smoke']) == 0
-    loaded, c3 = checkpoint.load_params(str(tmp_path / 'params'))
+    loaded, c3 = weights.load_params(str(tmp_path / 'params'))
     assert c3 == c
     assert_identical(loaded, params)

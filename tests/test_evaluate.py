@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from colormae_jax import checkpoint, config_lib, knn, main
+from colormae_jax import config_lib, knn, main, weights
 from colormae_jax.tasks import linear_probe
 
 from helpers import make_folder, override, smoke_config
@@ -143,7 +143,7 @@ def test_finetune_trains_end_to_end_and_resumes(pretrained, tmp_path):
     full = main.run(c, str(tmp_path / 'a'), devices=DEV)
     assert full['step'] == 8 and np.isfinite(full['losses']).all()
     assert 0 <= full['results']['finetune/top1'] <= 100
-    pre, _, _ = checkpoint.load_any_params(mae)
+    pre, _, _ = weights.load_any_params(mae)
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          full['state']['params']['encoder']['blocks'][0], pre['encoder']['blocks'][0])
     assert max(jax.tree.leaves(moved)) > 0  # the encoder is fine-tuned, not frozen

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from colormae_jax import checkpoint, config_lib, data, loop, metrics, parallel
+from colormae_jax import config_lib, data, loop, metrics, parallel, weights
 from colormae_jax.errors import ConfigError
 
 
@@ -34,7 +34,7 @@ def run_evaluation(config, workdir: str, body: Callable, *, devices=None, stop_a
     workdir, stop_after, deadline) -> {'results': {...}, ...}`` and writes the results
     (process 0)."""
     validate(config, num_devices=len(devices) if devices is not None else None)
-    params, c, desc = checkpoint.load_pretrained(config.init_from)
+    params, c, desc = weights.load_pretrained(config.init_from)
     if c.image_size != config.data.image_size:
         raise ConfigError('data.image_size', f'{config.data.image_size}, but the encoder of {desc} was built for '
                                              f'{c.image_size}')

@@ -22,7 +22,18 @@ import optax
 from absl import logging
 from flax import nnx
 
-from colormae_jax import checkpoint, config_lib, data, datasets, knn, loop, masking, model as model_lib, optim, parallel
+from colormae_jax import (
+    config_lib,
+    data,
+    datasets,
+    knn,
+    loop,
+    masking,
+    model as model_lib,
+    optim,
+    parallel,
+    weights,
+)
 from colormae_jax.errors import ConfigError
 
 Batch = dict[str, jax.Array]
@@ -307,7 +318,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | 
     def init_fn():
         if not config.init_from:
             return init_state(t)
-        params, _, desc = checkpoint.load_pretrained(config.init_from)  # continue from another run or imports
+        params, _, desc = weights.load_pretrained(config.init_from)  # continue from another run or imports
         logging.info('Starting from the params of %s.', desc)
         return init_state(t, params)
 

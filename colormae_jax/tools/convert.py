@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from colormae_jax import checkpoint, model as model_lib
+from colormae_jax import checkpoint, model as model_lib, weights
 
 LAYOUTS = ('mae', 'mmpretrain', 'timm')
 # How each layout's files wrap the state dict (torch.save of {wrapper: state_dict}); timm: bare.
@@ -526,12 +526,12 @@ def _cmd_import(args: argparse.Namespace) -> None:
     params, report = import_torch(sd, c, layout=layout, seed=args.seed)
     report = dataclasses.replace(report, source=where, notes=notes + report.notes)
     print(report)
-    print(f'Wrote {checkpoint.save_params(args.dst, params, c)} ({checkpoint.PARAMS_ITEM}/: orbax pure-dict params, '
-          f'{checkpoint.CONFIG_FILE}).')
+    print(f'Wrote {weights.save_params(args.dst, params, c)} ({weights.PARAMS_ITEM}/: orbax pure-dict params, '
+          f'{weights.CONFIG_FILE}).')
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    params, c, what = checkpoint.load_any_params(args.src, args.step)
+    params, c, what = weights.load_any_params(args.src, args.step)
     sd = export_torch(params, c, args.dst, layout=args.layout, with_decoder=args.with_decoder)
     wrapper = WRAPPERS[args.layout]
     print(f'Read {what}.\nWrote {os.path.abspath(args.dst)}: {len(sd)} tensors, {args.layout} layout'
