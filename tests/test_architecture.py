@@ -11,11 +11,11 @@ PKG = ROOT / 'colormae_jax'
 
 # Top to bottom. ``tools`` are command-line programs on top of the library.
 LAYERS = [
-    ('entry', ['main', 'tools.*']),
+    ('entry', ['main', 'cli', 'api', 'tools.*']),
     ('tasks', ['tasks', 'tasks.*']),
-    ('shared', ['loop', 'optim', 'knn', 'checkpoint', 'weights', 'config_lib', 'masking', 'masking.*']),
+    ('shared', ['loop', 'optim', 'knn', 'checkpoint', 'checksums', 'weights', 'config_lib', 'masking', 'masking.*']),
     ('base', ['model', 'classifier', 'augment', 'data', 'datasets', 'parallel', 'metrics', 'distributed',
-              'defaults', 'workdir']),
+              'defaults', 'workdir', 'posembed', 'viz', 'device_data', 'segmentation', 'seg_data']),
     ('bottom', ['errors']),
 ]
 
