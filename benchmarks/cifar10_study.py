@@ -1,6 +1,7 @@
 r"""The CIFAR-10 masking study: pre-train with each mask, evaluate each encoder, compare.
 
   python benchmarks/cifar10_study.py --preset smoke                 # 2-core CPU, minutes
+  python benchmarks/cifar10_study.py --preset full --dry_run --img_per_s 20000  # the plan, nothing run
   python benchmarks/cifar10_study.py --preset full --out study_full  # one GPU; rerun to resume
   python benchmarks/cifar10_study.py --preset full --strategies random,green --seeds 0,1 --finetune
 
@@ -11,11 +12,24 @@ and with ``--finetune`` by fine-tuning. Every part resumes from its checkpoints,
 study can run across several calls with a time limit each (``--time_budget_s``). Writes
 ``OUT/results.json``, ``OUT/results.md`` (a markdown table) and ``OUT/study.png`` (accuracy
 per strategy, and kNN accuracy over pre-training epochs).
+
+Data: the device-resident pipeline (``data.pipeline='device'``: CIFAR-10 decoded once, kept on
+the accelerator, cropped and flipped there), for pre-training, the kNN monitor and the probe's
+features; fine-tuning's RandAugment stays on the host (grain).
+
+The ``full`` preset is sized to one GPU window (``--window_s``, 15 min) at a pre-training
+throughput ``--img_per_s``: the epochs per run are what is left of the window after the
+estimated fixed costs (:data:`OVERHEAD_S`), split evenly over the runs, and FAMT's schedule
+(AMT: first update after 41 of 200 epochs, then every 40) and the warm-up scale with them. The
+default ``--img_per_s`` is an ESTIMATE (ViT-Ti/4, bf16, one H200) until
+``benchmarks/bench_step.py`` measures it there; if the real rate is lower the window ends early
+and rerunning the same command (same ``--img_per_s``: the plan must not change) resumes.
 """
 from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import sys
 import time
@@ -43,6 +57,15 @@ _FINETUNE = flags.DEFINE_bool('finetune', False, 'Also fine-tune every encoder.'
 _BUDGET = flags.DEFINE_float('time_budget_s', 0.0, 'Stop (resumably) after this many seconds; 0: no limit.')
 _OVERRIDES = flags.DEFINE_multi_string('set', [], 'Pre-training config overrides KEY=VALUE (python literal).')
 _EVAL_OVERRIDES = flags.DEFINE_multi_string('eval_set', [], 'Evaluation config overrides KEY=VALUE.')
+_IMG_PER_S = flags.DEFINE_float('img_per_s', 20000.0, 'Pre-training img/s the full preset is sized by: an ESTIMATE '
+                                '(ViT-Ti/4 bf16, one H200) until benchmarks/bench_step.py measures it on the GPU.')
+_WINDOW_S = flags.DEFINE_float('window_s', 900.0, 'The GPU window (s) the full preset is sized to.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the planned epochs, images and time per run; run nothing.')
+
+CIFAR10_TRAIN = 50000
+# Fixed costs of the full preset in a window (estimates): the machine and imports, then per run the
+# compilations, the decoded split placed, the kNN monitor and the linear probe.
+OVERHEAD_S = {'start': 120.0, 'per_run': 45.0}
 
 # Pre-training per preset. smoke: a tiny model, a few steps; full: ViT-Ti/4, 200 epochs, bf16.
 PRETRAIN = {
@@ -52,15 +75,57 @@ PRETRAIN = {
               'knn.max_train': 2000, 'knn.max_test': 500, 'mask.famt.warmup_steps': 20,
               'mask.famt.update_every_steps': 20, 'mask.famt.update_batch_size': 512},
     'full': {'model.variant': 'Ti/4', 'model.compute_dtype': 'bfloat16', 'batch_size': 256, 'total_epochs': 200.0,
-             'warmup_epochs': 10.0, 'data.num_workers': 12, 'knn.every_epochs': 20.0, 'knn.batch_size': 1024,
+             'warmup_epochs': 10.0, 'knn.every_epochs': 20.0, 'knn.batch_size': 1024,
              'ckpt.every_steps': 2000, 'log_every_steps': 200, 'mask.famt.warmup_epochs': 41.0,
              'mask.famt.update_every_epochs': 40.0, 'mask.famt.update_batch_size': 1024},
 }
+for _p in PRETRAIN.values():
+    _p['data.pipeline'] = 'device'
 EVAL = {
-    'smoke': {'linear_probe': {}, 'finetune': {}},
-    'full': {'linear_probe': {'total_epochs': 100.0, 'batch_size': 1024},
+    'smoke': {'linear_probe': {'data.pipeline': 'device'}, 'finetune': {}},
+    'full': {'linear_probe': {'total_epochs': 100.0, 'batch_size': 1024, 'data.pipeline': 'device'},
              'finetune': {'total_epochs': 50.0, 'data.num_workers': 12}},
 }
+
+
+def plan(preset: str, runs: int, img_per_s: float, window_s: float) -> dict:
+    """Epochs per run and the estimate: ``full`` fills ``window_s`` at ``img_per_s`` (see the module doc)."""
+    if preset == 'full':
+        train_s = window_s - OVERHEAD_S['start'] - runs * OVERHEAD_S['per_run']
+        epochs = max(1, math.floor(train_s * img_per_s / (runs * CIFAR10_TRAIN)))
+        images = epochs * CIFAR10_TRAIN
+    else:
+        p = PRETRAIN['smoke']
+        epochs, images = p['total_steps'] * p['batch_size'] / CIFAR10_TRAIN, p['total_steps'] * p['batch_size']
+    train_s = images / img_per_s
+    return {'epochs': epochs, 'images': images, 'pretrain_s': train_s, 'run_s': train_s + OVERHEAD_S['per_run'],
+            'total_s': OVERHEAD_S['start'] + runs * (train_s + OVERHEAD_S['per_run'])}
+
+
+def _full_schedule(epochs: int) -> dict:
+    """The full preset's durations for ``epochs``: the 200-epoch recipe's proportions (warm-up 10,
+    FAMT's first update before epoch 41 then every 40, kNN every 20)."""
+    f = epochs / 200.0
+    return {'total_epochs': float(epochs), 'warmup_epochs': 10.0 * f, 'knn.every_epochs': 20.0 * f,
+            'mask.famt.warmup_epochs': 41.0 * f, 'mask.famt.update_every_epochs': 40.0 * f}
+
+
+def _runs() -> int:
+    return len(_STRATEGIES.value) * len(_SEEDS.value)
+
+
+def dry_run() -> str:
+    p = plan(_PRESET.value, _runs(), _IMG_PER_S.value, _WINDOW_S.value)
+    lines = [f"preset {_PRESET.value}: {_runs()} runs ({','.join(_STRATEGIES.value)} x seeds "
+             f"{','.join(_SEEDS.value)}), at {_IMG_PER_S.value:g} img/s (estimate unless measured), window "
+             f'{_WINDOW_S.value:g} s']
+    for s in _STRATEGIES.value:
+        for seed in _SEEDS.value:
+            lines.append(f"  {s}/seed{seed}: {p['epochs']:g} epochs = {p['images']:,.0f} images, pre-training "
+                         f"{p['pretrain_s']:.0f} s + {OVERHEAD_S['per_run']:.0f} s compile/kNN/probe")
+    lines.append(f"total: {p['total_s']:.0f} s ({p['total_s'] / 60:.1f} min, {OVERHEAD_S['start']:.0f} s start "
+                 f"included)")
+    return '\n'.join(lines)
 
 
 def _set(c, key: str, value) -> None:
@@ -75,7 +140,10 @@ def pretrain_config(arm: str, seed: int):
     smoke = _PRESET.value == 'smoke'
     strategy, settings = ARMS.get(arm, (arm, {}))
     c = cifar10.get_config(f'mask={strategy},root={_ROOT.value}' + (',smoke' if smoke else ''))
-    for k, v in {**PRETRAIN[_PRESET.value], **settings}.items():
+    sized = {}
+    if not smoke:
+        sized = _full_schedule(plan('full', _runs(), _IMG_PER_S.value, _WINDOW_S.value)['epochs'])
+    for k, v in {**PRETRAIN[_PRESET.value], **sized, **settings}.items():
         _set(c, k, v)
     c.seed = seed
     c.data.data_dir = _DATA_DIR.value
@@ -243,6 +311,9 @@ def _plot(out: str, results: dict, summary: dict) -> None:
 
 def main(argv):
     del argv
+    if _DRY_RUN.value:
+        print(dry_run())
+        return
     logging.get_absl_logger().addFilter(
         lambda r: r.levelno >= 30 or ('/orbax/' not in r.pathname and '/grain/' not in r.pathname))
     try:

@@ -3,8 +3,8 @@ r"""What verified checkpoints cost (issue 16): the checksums at save, the verifi
 A ViT-B/16-sized train state (the encoder's params and AdamW's two moments, float32, random
 values; ``--decoder``: the whole MAE-B/16 pre-training state) is saved and restored with
 ``checkpoint.Checkpointer`` twice per round: as it is, and with ``checkpoint.fingerprints``
-and ``Checkpointer._record`` replaced by stubs (no checksums: what a save and a restore cost
-without verification). Also
+(``checksums.fingerprints``, as ``checkpoint`` imports it) and ``Checkpointer._record``
+replaced by stubs (no checksums: what a save and a restore cost without verification). Also
 timed alone: ``fingerprints(state)``, the computation done once at save and once at restore
 (its first call compiles). The two arms alternate in order from round to round (the disk's
 write-back of one save slows the next). Prints a table and writes JSON.
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
-from colormae_jax import checkpoint, model as model_lib  # noqa: E402
+from colormae_jax import checkpoint, checksums, model as model_lib  # noqa: E402
 
 import imagenet  # noqa: E402
 
@@ -64,7 +64,7 @@ def main():
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     base = args.dir or tempfile.mkdtemp(prefix='ckpt_verify_')
-    real_fp, real_record = checkpoint.fingerprints, checkpoint.Checkpointer._record
+    real_fp, real_record = checksums.fingerprints, checkpoint.Checkpointer._record
 
     first_fp, _ = timed(lambda: real_fp(state))  # compiles
     rows = {k: [] for k in ('fingerprints', 'save_sync', 'save_sync_plain', 'save_async_blocking',

@@ -12,19 +12,18 @@ Each step directory holds five items:
               other items (see "Verification" below),
 and the task's extra items (e.g. a masking strategy's host state, the best accuracy).
 
-Verification: :func:`fingerprints` reduces each array, in a jitted integer sum that does
-not depend on the sharding or the process count, to 64 bits; the ``checksums`` item is
-written in the same orbax save as the step (so it commits atomically with it). On resume,
-:meth:`Checkpointer.restore_newest` restores and verifies the newest step; a step that
-fails either is renamed ``STEP.damaged`` (never deleted) and the previous one is tried; if
-none is left, :class:`CheckpointDamaged` says what to do.
+Verification: :func:`colormae_jax.checksums.fingerprints` reduces each array to 64 bits,
+the same whatever its sharding or process count (:mod:`colormae_jax.checksums`); the
+``checksums`` item is written in the same orbax save as the step (so it commits atomically
+with it). On resume, :meth:`Checkpointer.restore_newest` restores and verifies the newest
+step; a step that fails either is renamed ``STEP.damaged`` (never deleted) and the previous
+one is tried; if none is left, :class:`CheckpointDamaged` says what to do.
 
 The readers of pre-trained params are in :mod:`colormae_jax.weights`.
 """
 from __future__ import annotations
 
 import gc
-import hashlib
 import inspect
 import json
 import os
@@ -34,14 +33,26 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import traverse_util
-from jax import lax
 from jax.experimental import multihost_utils
+
+from colormae_jax.checksums import (  # noqa: F401 - _keystr, fingerprints: also used as checkpoint.X
+    CHECKSUMS,
+    RECORD_VERSION,
+    agree,
+    all_digests,
+    compare,
+    digest,
+    error_summary,
+    expect,
+    fingerprints,
+    keystr,
+    keystr as _keystr,
+)
 
 Params = Any
 # Keys of a data iterator state that depend on the process layout (data.TrainIterator's fingerprint).
@@ -72,134 +83,13 @@ class CheckpointDamaged(CheckpointError):
     """A run has checkpoints, but none restores and verifies: all are set aside as ``STEP.damaged``."""
 
 
-CHECKSUMS = 'checksums'  # the item holding a step's checksum record
 DAMAGED = '.damaged'     # the suffix of a step folder set aside
-_RECORD_VERSION = 1
 
 
 def flat_config(config) -> dict:
     """``{'model.decoder.width': 128, ...}`` of a ConfigDict (or its dict)."""
     d = config.to_dict() if hasattr(config, 'to_dict') else config
     return traverse_util.flatten_dict(d, sep='.')
-
-
-def _keystr(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator='/')
-
-
-# ------------------------------------------------------------------------------ fingerprints
-# An array's fingerprint: its elements as uint32 words (one per element of 1, 2 or 4 bytes,
-# two per 8-byte element), each mixed with its flat index, summed mod 2**32 in two lanes.
-# Integer sums do not depend on the order of the reduction, so the fingerprint of a global
-# array is the same on every mesh and process count (one jitted reduction, equal on all
-# processes), and numpy computes the same number for a host array.
-
-_M1, _M2, _GOLD, _SALT = (np.uint32(v) for v in (0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9, 0x7F4A7C15))
-
-
-def _mix(h):
-    """murmur3's 32-bit finaliser (numpy or jax uint32: the same wrapping arithmetic)."""
-    h = h ^ (h >> 16)
-    h = h * _M1
-    h = h ^ (h >> 13)
-    h = h * _M2
-    return h ^ (h >> 16)
-
-
-def _lanes(w, i):
-    a = i * _GOLD
-    return _mix(w ^ a), _mix((w + _SALT) ^ (a >> 7) ^ (a << 11))
-
-
-def _jax_words(x):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    n = jnp.dtype(x.dtype).itemsize
-    if n in (4, 8):  # an 8-byte element -> [..., 2] words
-        return lax.bitcast_convert_type(x, jnp.uint32)
-    return lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[n]).astype(jnp.uint32)
-
-
-@jax.jit
-def _jax_fingerprint(x):
-    w = _jax_words(x)
-    i, stride = jnp.zeros(w.shape, jnp.uint32), 1
-    for d in reversed(range(w.ndim)):  # the row-major flat index, mod 2**32
-        i = i + lax.broadcasted_iota(jnp.uint32, w.shape, d) * np.uint32(stride % 2 ** 32)
-        stride *= w.shape[d]
-    a, b = _lanes(w, i)
-    return jnp.sum(a, dtype=jnp.uint32), jnp.sum(b, dtype=jnp.uint32)
-
-
-def _np_fingerprint(x: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
-    flat = np.ascontiguousarray(x).reshape(-1)
-    if flat.dtype == np.bool_:
-        w = flat.astype(np.uint32)
-    elif flat.dtype.itemsize in (4, 8):
-        w = flat.view(np.uint32)  # little-endian words, as XLA's bitcast
-    else:
-        w = flat.view({1: np.uint8, 2: np.uint16}[flat.dtype.itemsize]).astype(np.uint32)
-    sa = sb = 0
-    for start in range(0, w.size, chunk):
-        part = w[start:start + chunk]
-        a, b = _lanes(part, (np.arange(start, start + part.size, dtype=np.uint64) % 2 ** 32).astype(np.uint32))
-        sa, sb = (sa + int(a.sum(dtype=np.uint32))) % 2 ** 32, (sb + int(b.sum(dtype=np.uint32))) % 2 ** 32
-    return sa, sb
-
-
-def fingerprints(tree: Any) -> dict:
-    """``{path: {'dtype', 'shape', 'fp'}}`` of every leaf of ``tree`` (jax arrays, sharded or
-    not, and host arrays alike); ``fp``: 16 hex digits, the same for the same values whatever
-    their sharding or process count. Every process must call it (a jitted reduction per
-    global array)."""
-    leaves = [(_keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
-    pending = {k: _jax_fingerprint(x) for k, x in leaves if isinstance(x, jax.Array)}  # all dispatched first
-    out = {}
-    for k, x in leaves:
-        if k in pending:
-            a, b = (int(np.asarray(v.addressable_data(0))) for v in pending[k])
-        else:
-            x = np.asarray(x)
-            a, b = _np_fingerprint(x)
-        out[k] = {'dtype': str(x.dtype), 'shape': list(np.shape(x)), 'fp': f'{a:08x}{b:08x}'}
-    return out
-
-
-def _digest(obj: Any) -> str:
-    """16 hex digits of a JSON value (key order ignored)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(',', ':')).encode()).hexdigest()[:16]
-
-
-def _all_digests(d: str | None) -> list[str] | None:
-    """Every process's ``d`` (a ``_digest``), in process order."""
-    if d is None or jax.process_count() == 1:
-        return None if d is None else [d]
-    words = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(d), np.uint32))
-    return [np.asarray(w, np.uint32).tobytes().hex() for w in np.asarray(words).reshape(jax.process_count(), -1)]
-
-
-def _compare(recorded: dict, got: dict, item: str) -> list[str]:
-    """What differs between the recorded and the restored fingerprints of an item."""
-    bad = []
-    for k, v in got.items():
-        r = recorded.get(k)
-        if r is None:
-            bad.append(f'{item}/{k}: no checksum recorded')
-        elif r['dtype'] == v['dtype'] and r['fp'] != v['fp']:  # (restored as another dtype: not comparable)
-            bad.append(f'{item}/{k}: checksum differs')
-    return bad
-
-
-def _agree(reason: str | None) -> str | None:
-    """Every process's verdict: None if the step is good on all processes."""
-    if jax.process_count() == 1:
-        return reason
-    failed = np.asarray(multihost_utils.process_allgather(np.asarray(reason is not None))).reshape(-1)
-    if reason is None and failed.any():
-        reason = f'failed on process {", ".join(str(i) for i in np.flatnonzero(failed))} (see its log)'
-    return reason
 
 
 def _abandoned_read(u) -> bool:
@@ -227,14 +117,6 @@ def _quiet_abandoned_reads() -> None:
     hook._colormae_quiet = True
     sys.unraisablehook = hook
     gc.collect()  # the abandoned coroutines now, under the hook
-
-
-def _one_line(e: BaseException) -> str:
-    if 'See full TensorStore details' in str(e) and e.__cause__ is not None:
-        e = e.__cause__  # orbax's wrapper prints a page of spec; the cause names the array and the error
-    text = str(e).strip().splitlines()
-    text = text[0] if text else ''
-    return f'{type(e).__name__}: {text[:240]}{"..." if len(text) > 240 else ""}'
 
 
 class _Failed:
@@ -318,10 +200,10 @@ class Checkpointer:
         data_state = None if data_iter is None else data_iter.get_state()
         cfg = json.loads(config.to_json())
         layout = {'process_count': jax.process_count(), 'data': data_state}
-        record = {'version': _RECORD_VERSION, 'state': fingerprints(state),
+        record = {'version': RECORD_VERSION, 'state': fingerprints(state),
                   'extra': {k: fingerprints(v) for k, v in (extra or {}).items()},
-                  'config': _digest(cfg), 'layout': _digest(layout),
-                  'data': _all_digests(None if data_state is None else _digest(data_state))}
+                  'config': digest(cfg), 'layout': digest(layout),
+                  'data': all_digests(None if data_state is None else digest(data_state))}
         args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(cfg),
                 'layout': ocp.args.JsonSave(layout), CHECKSUMS: ocp.args.JsonSave(record)}
         args.update({k: ocp.args.StandardSave(v) for k, v in (extra or {}).items()})
@@ -338,9 +220,9 @@ class Checkpointer:
         diffs = [f'  {k}: checkpoint has {then.get(k)!r}, config has {now.get(k)!r}'
                  for k in SHAPE_KEYS if then.get(k) != now.get(k)]
         meta = self.manager.item_metadata(step)['state']
-        saved_shapes = {_keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(meta)
+        saved_shapes = {keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(meta)
                         if hasattr(m, 'shape')}
-        want_shapes = {_keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        want_shapes = {keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
         differ = [k for k in sorted(set(saved_shapes) | set(want_shapes)) if saved_shapes.get(k) != want_shapes.get(k)]
         shown = [k for k in differ if k.startswith('params/')][:8] or differ[:8]
         for k in shown:
@@ -356,9 +238,9 @@ class Checkpointer:
                 diffs.append(f'  {name}: the checkpoint has no {name!r} item, the config needs one')
                 continue
             for p, x in jax.tree_util.tree_leaves_with_path(abstract):
-                m = dict((_keystr(q), v) for q, v in jax.tree_util.tree_leaves_with_path(have)).get(_keystr(p))
+                m = dict((keystr(q), v) for q, v in jax.tree_util.tree_leaves_with_path(have)).get(keystr(p))
                 if m is not None and tuple(m.shape) != tuple(np.shape(x)):
-                    diffs.append(f'  {name}/{_keystr(p)}: checkpoint has {tuple(m.shape)}, config needs '
+                    diffs.append(f'  {name}/{keystr(p)}: checkpoint has {tuple(m.shape)}, config needs '
                                  f'{tuple(np.shape(x))} (this run\'s {name!r} item: another dataset size or patch '
                                  f'grid?)')
         if diffs:
@@ -390,10 +272,10 @@ class Checkpointer:
             record = self._record(step)
             phase = 'config'
             saved_cfg = self._item(step, 'config')
-            _expect(record, 'config', saved_cfg)
+            expect(record, 'config', saved_cfg)
             phase = 'layout'
             layout = self._item(step, 'layout')
-            _expect(record, 'layout', layout)
+            expect(record, 'layout', layout)
             phase = 'metadata'
             metas = self.manager.item_metadata(step)
             if record is not None:
@@ -422,11 +304,11 @@ class Checkpointer:
         except CheckpointMismatch:
             raise
         except Exception as e:  # noqa: BLE001 - whatever orbax, tensorstore or JSON raise: the step is damaged
-            reason = f'{phase}: {_one_line(e)}'
+            reason = f'{phase}: {error_summary(e)}'
             _quiet_abandoned_reads()
-        reason = _agree(reason)
+        reason = agree(reason)
         if reason is None:
-            reason = _agree(self._verify(*got, extra))  # every process: the fingerprints are collective
+            reason = agree(self._verify(*got, extra))  # every process: the fingerprints are collective
         if reason is not None:
             raise StepDamaged(where, reason)
         record, layout, written_by, out, data_state = got
@@ -511,8 +393,8 @@ class Checkpointer:
                 raise ValueError('the checksums item is missing')
             return None
         record = self._item(step, CHECKSUMS)
-        if not isinstance(record, dict) or record.get('version') != _RECORD_VERSION:
-            raise ValueError(f'not a checksum record of version {_RECORD_VERSION}')
+        if not isinstance(record, dict) or record.get('version') != RECORD_VERSION:
+            raise ValueError(f'not a checksum record of version {RECORD_VERSION}')
         return record
 
     def _check_metadata(self, metas, record: dict) -> None:
@@ -523,7 +405,7 @@ class Checkpointer:
             meta = metas.get(name) if hasattr(metas, 'get') else None
             if meta is None:
                 raise ValueError(f'no metadata of the {name!r} item')
-            shapes = {_keystr(p): list(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(meta)
+            shapes = {keystr(p): list(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(meta)
                       if hasattr(m, 'shape')}
             want = {k: v['shape'] for k, v in rec.items()}
             if shapes != want:
@@ -534,12 +416,12 @@ class Checkpointer:
         """What does not match the record (None when all does, or when there is no record)."""
         if record is None:
             return None
-        bad = _compare(record['state'], fingerprints(out['state']), 'state')
+        bad = compare(record['state'], fingerprints(out['state']), 'state')
         for k in extra or {}:
-            bad += _compare(record.get('extra', {}).get(k, {}), fingerprints(out[k]), k)
+            bad += compare(record.get('extra', {}).get(k, {}), fingerprints(out[k]), k)
         if data_state is not None:
             saved = record.get('data') or []
-            if len(saved) != jax.process_count() or saved[jax.process_index()] != _digest(data_state):
+            if len(saved) != jax.process_count() or saved[jax.process_index()] != digest(data_state):
                 bad.append(f'data: the iterator state of process {jax.process_index()} differs from its checksum')
         if not bad:
             return None
@@ -579,8 +461,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _expect(record: dict | None, name: str, value: Any) -> None:
-    if record is not None and record.get(name) != _digest(value):
-        raise ValueError(f'the {name!r} item differs from its checksum')

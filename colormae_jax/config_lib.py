@@ -127,6 +127,12 @@ def _validate_run(config, num_devices: int) -> None:
     for b in ('b1', 'b2'):
         _check(0 <= config[b] < 1, b, f'must be in [0, 1), got {config[b]}')
     _check(config.grad_clip_norm >= 0, 'grad_clip_norm', f'must be >= 0 (0: off), got {config.grad_clip_norm}')
+    k = config.get('grad_accum_steps', 1)
+    _check(isinstance(k, int) and k >= 1, 'grad_accum_steps', f'must be an int >= 1 (1: off), got {k!r}')
+    _check(config.batch_size % (num_devices * k) == 0, 'grad_accum_steps',
+           f'{k} micro-batches do not split batch_size={config.batch_size} evenly over {num_devices} devices (each '
+           f'device holds {config.batch_size / num_devices:g} examples); use a k that divides '
+           f'{config.batch_size // num_devices}, or a batch_size that is a multiple of {num_devices * k}')
     for n in ('total', 'warmup'):
         steps, epochs = config[f'{n}_steps'], config[f'{n}_epochs']
         _check(steps is not None or epochs is not None, f'{n}_steps', f'set {n}_steps or {n}_epochs')
@@ -142,6 +148,13 @@ def _validate_data(d, check_data: bool) -> None:
     _check(d.normalize_on in ('device', 'host'), 'data.normalize_on', f"{d.normalize_on!r}; valid: 'device', 'host'")
     _check(d.prefetch_buffer >= 1, 'data.prefetch_buffer', f'must be >= 1, got {d.prefetch_buffer}')
     _check(d.num_workers >= 0, 'data.num_workers', f'must be >= 0 (0: decode in this process), got {d.num_workers}')
+    pipeline = d.get('pipeline', 'grain')
+    _check(pipeline in ('grain', 'device'), 'data.pipeline', f"{pipeline!r}; valid: 'grain', 'device'")
+    _check(d.get('device_max_gb', 0.0) >= 0, 'data.device_max_gb',
+           f'must be >= 0 (0: automatic), got {d.get("device_max_gb")}')
+    if pipeline == 'device' and jax.process_count() > 1:
+        raise ConfigError('data.pipeline', f"'device' runs in one process, this run has {jax.process_count()}; "
+                                           f"use data.pipeline='grain'")
     lo, hi = d.crop_scale
     _check(0 < lo <= hi <= 1, 'data.crop_scale', f'must satisfy 0 < min <= max <= 1, got {tuple(d.crop_scale)}')
     if check_data and d.source == 'folder':
@@ -173,6 +186,10 @@ def validate_eval(config, num_devices: int | None = None, check_data: bool = Tru
     _check(config.probe.mode in ('fast', 'faithful'), 'probe.mode', f"{config.probe.mode!r}; valid: 'fast', "
                                                                     "'faithful'")
     _check(config.eval_every_epochs > 0, 'eval_every_epochs', f'must be positive, got {config.eval_every_epochs}')
+    if config.get('model') is not None:
+        resize = config.model.get('pos_embed_resize', 'interpolate')
+        _check(resize in ('interpolate', 'recompute'), 'model.pos_embed_resize',
+               f"{resize!r}; valid: 'interpolate', 'recompute'")
     _validate_run(config, num_devices)
     _validate_data(config.data, check_data)
     if check_data and config.data.source == 'folder':

@@ -12,6 +12,9 @@ the image: output pixel (row r, column c) of an S x S image comes from the sourc
 (relative coordinates) ``y = y0 + h * (r + .5) / S`` and ``x = x0 + w * u`` with
 ``u = (c + .5) / S``, or ``u = 1 - (c + .5) / S`` when ``flip``.
 
+(``data.pipeline='device'`` replaces this with :mod:`colormae_jax.device_data`: the split
+resident on the accelerator, cropped there; :func:`to_global` passes its arrays through.)
+
 Everything is a function of ``seed`` (and the process index): the same seed gives the
 same batches, with or without worker processes, and ``iterator.get_state()`` /
 ``set_state()`` (or orbax with ``grain.checkpoint.CheckpointSave``) resume exactly.
@@ -371,8 +374,14 @@ def padded_pass(ds: grain.MapDataset, transform=None, *, global_batch_size: int,
 
 def to_global(batch: dict, sharding_for: Callable[[str, np.ndarray], jax.sharding.Sharding]) -> dict:
     """Process-local numpy batch -> global ``jax.Array`` s, entry by entry, with
-    ``jax.make_array_from_process_local_data(sharding_for(name, array), array)``."""
-    return {k: jax.make_array_from_process_local_data(sharding_for(k, v), np.asarray(v)) for k, v in batch.items()}
+    ``jax.make_array_from_process_local_data(sharding_for(name, array), array)``. Entries that
+    already are global arrays (the device pipeline's) stay on the device, resharded if needed."""
+    def one(k, v):
+        if isinstance(v, jax.Array):
+            s = sharding_for(k, v)
+            return v if v.sharding == s else jax.device_put(v, s)
+        return jax.make_array_from_process_local_data(sharding_for(k, v), np.asarray(v))
+    return {k: one(k, v) for k, v in batch.items()}
 
 
 __all__ = ['MAE_MEAN', 'MAE_STD', 'EVAL_CROP_FRACTION', 'steps_per_epoch', 'normalize', 'model_input',

@@ -165,14 +165,38 @@ SKIPPED_FILE = 'skipped_images.txt'
 _SKIPPED_KEY = 'skipped_images'  # in the prepared dataset's metadata.json: [[relative path, why], ...]
 
 
-def _bad_images_error(root: str, check: ImageCheck) -> DataError:
-    lines = [f'  {os.path.join(root, rel)}: {why}' for rel, why in check.bad[:MAX_LISTED]]
+BAD_FILE_SUFFIX = '.bad_images.txt'  # a refused folder's full list: <data_dir>/image_folder/<config>.bad_images.txt
+
+
+def _bad_images_error(builder: ImageFolder, check: ImageCheck) -> DataError:
+    """One line: the count, the first :data:`MAX_LISTED` bad files with their reasons, and the
+    file that lists them all (written here, next to where the prepared data would go)."""
+    root = builder.root
+    shown = ' | '.join(f'{os.path.join(root, rel)}: {why}' for rel, why in check.bad[:MAX_LISTED])
     if len(check.bad) > MAX_LISTED:
-        lines.append(f'  ... and {len(check.bad) - MAX_LISTED} more')
+        shown += f' | ... and {len(check.bad) - MAX_LISTED} more'
+    folders = os.path.dirname(os.path.dirname(builder.data_dir))  # <data_dir>/image_folder
+    path = os.path.join(folders, builder.builder_config.name + BAD_FILE_SUFFIX)
+    try:
+        _write_list(path, f'images of {root} that cannot be used (nothing was prepared)', root, check.bad)
+        where = f'all listed in {path}'
+    except OSError as e:
+        where = f'the full list could not be written to {path}: {e.strerror}'
     return DataError(f'data.root={root}: {len(check.bad)} of {check.total} images cannot be used (empty, not an '
-                     f'image, or truncated / corrupt), so nothing was prepared; remove or replace them, or set '
-                     f'--config.data.skip_bad_images=True to leave them out (listed in {SKIPPED_FILE} next to the '
-                     f'prepared data):\n' + '\n'.join(lines))
+                     f'image, or truncated / corrupt), so nothing was prepared ({shown}; {where}); remove or replace '
+                     f'them, or set --config.data.skip_bad_images=True to leave them out (then listed in '
+                     f'{SKIPPED_FILE} next to the prepared data and in the workdir)')
+
+
+def _write_list(path: str, what: str, root: str, items: list[tuple[str, str]]) -> str:
+    """``path``: a ``# <what>: path<TAB>why`` header, then one ``<path><TAB><why>`` line per item
+    (written atomically)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        f.write(f'# {what}: path<TAB>why\n')
+        f.writelines(f'{os.path.join(root, rel)}\t{why}\n' for rel, why in items)
+    os.replace(path + '.tmp', path)
+    return path
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -186,8 +210,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     Every image is decoded once before anything is written (:meth:`check_images`). Files that
     cannot be used (empty, not an image, truncated / corrupt) refuse the folder, all of them
-    named; with ``skip_bad_images`` they are left out, and listed in the prepared dataset's
-    metadata (:meth:`skipped`) and in ``skipped_images.txt`` next to it.
+    named (the first 20 in the one-line error, all in ``<config>.bad_images.txt`` beside the
+    dataset folder); with ``skip_bad_images`` they are left out, and listed in the prepared
+    dataset's metadata (:meth:`skipped`), in ``skipped_images.txt`` next to it and, for a run,
+    in ``<workdir>/skipped_images.txt`` (:func:`write_skipped`).
     """
     VERSION = tfds.core.Version('1.0.0')
 
@@ -240,7 +266,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager
         check = self.check_images()
         if check.bad and not self._skip_bad_images:
-            raise _bad_images_error(self._root, check)
+            raise _bad_images_error(self, check)
         self.info.metadata[_SKIPPED_KEY] = [list(x) for x in check.bad]  # written with the dataset's info
         skip = {r for r, _ in check.bad}
         return {s: self._generate_examples(s, check.re_encode, skip) for s in _split_names(self._root)}
@@ -330,7 +356,7 @@ def _prepare_folder(builder: ImageFolder, counts: dict[str, int], skip_bad_image
     check = builder.check_images()
     if check.bad:
         if not skip_bad_images:
-            raise _bad_images_error(builder.root, check)
+            raise _bad_images_error(builder, check)
         bad = check.per_split()
         empty = sorted(s for s in counts if bad.get(s, 0) == counts[s])
         if empty:
@@ -349,15 +375,31 @@ def _write_skipped(builder: ImageFolder) -> str:
     (written again from the dataset's metadata if it was deleted)."""
     path = os.path.join(builder.data_dir, SKIPPED_FILE)
     if not os.path.exists(path):
-        lines = [f'{os.path.join(builder.root, rel)}\t{why}\n' for rel, why in builder.skipped()]
-        with open(path + '.tmp', 'w') as f:
-            f.write(f'# images of {builder.root} left out of the prepared data (data.skip_bad_images=True): '
-                    f'path<TAB>why\n')
-            f.writelines(lines)
-        os.replace(path + '.tmp', path)
+        _write_list(path, f'images of {builder.root} left out of the prepared data (data.skip_bad_images=True)',
+                    builder.root, builder.skipped())
     return path
 
 
+def write_skipped(data_cfg, workdir: str) -> str | None:
+    """Writes ``<workdir>/skipped_images.txt``, the images of the run's folder left out when it
+    was prepared (``data.skip_bad_images``), and returns its path; None (nothing written) when
+    none was left out, or the data is not an image folder."""
+    if data_cfg.get('source') != 'folder':
+        return None
+    builder = prepare(data_cfg)
+    skipped = builder.skipped()
+    if not skipped:
+        return None
+    path = os.path.join(workdir, SKIPPED_FILE)
+    _write_list(path, f'images of {builder.root} left out of this run\'s data (data.skip_bad_images=True)',
+                builder.root, skipped)
+    logging.warning('%d images of %s were left out (data.skip_bad_images=True): listed in %s', len(skipped),
+                    builder.root, path)
+    return path
+
+
+# source -> its prepare(data_cfg), for datasets of other layouts (registered by their modules)
+OTHER_SOURCES: dict = {}
 _PREPARED: dict[tuple[str, str, str], tfds.core.DatasetBuilder] = {}
 _PREPARE_LOCK = threading.Lock()
 
@@ -386,6 +428,8 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
     so a folder changed during the run is noticed by the next run. A failure is not
     remembered (the next call tries again). ``prepare.cache_clear()`` forgets every dataset.
     """
+    if data_cfg.source in OTHER_SOURCES:  # e.g. seg_data's 'seg_folder', registered by that module
+        return OTHER_SOURCES[data_cfg.source](data_cfg)
     key = _dataset_key(data_cfg)
     with _PREPARE_LOCK:  # one preparation at a time; a second caller waits and then looks it up
         builder = _PREPARED.get(key)
@@ -429,4 +473,5 @@ def num_examples(data_cfg, split: str | None = None) -> int:
     return info.splits[split].num_examples
 
 
-__all__ = ['IMAGE_EXTENSIONS', 'ImageFolder', 'get_builder', 'prepare', 'data_source', 'num_examples']
+__all__ = ['IMAGE_EXTENSIONS', 'ImageFolder', 'get_builder', 'prepare', 'data_source', 'num_examples',
+           'write_skipped']

@@ -22,6 +22,9 @@ def data_config() -> ml_collections.ConfigDict:
         normalize_on='device',      # 'device': uint8 crosses to the accelerator, 4x fewer bytes
         num_workers=0,              # grain worker processes (0: in the main process)
         prefetch_buffer=2,          # batches prepared ahead (in as many threads)
+        pipeline='grain',           # 'grain': decode + augment on the host; 'device': each split decoded once
+                                    # (cached), resident on the accelerator, cropped there (colormae_jax.device_data)
+        device_max_gb=0.0,          # 'device': a split's cap per device (0: half the free device memory; 4 GB on CPU)
     ))
 
 
@@ -87,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
                                     # add_weight_decay, no skip list); False: mmpretrain's (ColorMAE's) paramwise_cfg
     c.b1, c.b2 = 0.9, 0.95
     c.grad_clip_norm = 0.0          # 0: off (MAE does not clip)
+    c.grad_accum_steps = 1          # k: each optimizer step of batch_size runs k micro-batches of batch_size / k
+                                    # (MAE's --accum_iter; batch_size stays the effective batch, lr scales with it)
 
     c.mesh = (('data', -1), ('fsdp', 1))  # (axis, size) pairs; -1: the remaining devices
 
@@ -109,6 +114,9 @@ def eval_config(task: str) -> ml_collections.ConfigDict:
     c.init_from = ''                # a pre-training workdir, its checkpoints/STEP, or a tools.convert import
     c.seed = 0
     c.data = base_config().data
+    # At an image size other than the pre-trained encoder's: 'interpolate' its position table bicubically
+    # (MAE's interpolate_pos_embed, the official fine-tuning and linear probe), or 'recompute' the sin-cos table
+    c.model = ml_collections.ConfigDict(dict(pos_embed_resize='interpolate'))
     # MAE's probe and fine-tuning crop with torchvision's default scale (0.08, 1), not pre-training's (0.2, 1)
     c.data.crop_scale = (0.08, 1.0)
     c.num_classes = 1000
@@ -125,6 +133,7 @@ def eval_config(task: str) -> ml_collections.ConfigDict:
     c.wd = 0.0 if task == 'linear_probe' else 0.05
     c.b1, c.b2 = 0.9, 0.999
     c.grad_clip_norm = 0.0
+    c.grad_accum_steps = 1          # micro-batches per optimizer step (as pre-training's)
     # MAE fine-tuning recipe (ViT-B): layer decay 0.65, drop path 0.1, mixup 0.8, cutmix 1.0,
     # label smoothing 0.1, RandAugment m9-mstd0.5, random erasing 0.25
     c.finetune = ml_collections.ConfigDict(dict(layer_decay=0.65, drop_path=0.1, mixup=0.8, cutmix=1.0,

@@ -1,7 +1,8 @@
 """Features of a frozen encoder, and the weighted kNN classifier on them.
 
 :func:`extract` runs the encoder (sharded) over one pass of a split (centre crops) and
-gathers [CLS] and mean-pooled features from every process; :func:`knn_accuracy` is DINO's
+gathers [CLS] and mean-pooled features from every process (with ``data.pipeline='device'``
+from the resident split, :func:`colormae_jax.device_data.eval_batches`); :func:`knn_accuracy` is DINO's
 weighted kNN (cosine, the k nearest vote with ``exp(sim / T)``). Used by the kNN monitor of
 pre-training, the kNN task and the fast linear probe.
 """
@@ -18,7 +19,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from colormae_jax import data, model as model_lib, parallel
+from colormae_jax import data, device_data, model as model_lib, parallel
 
 
 def encoder_graph(c: model_lib.MAEConfig) -> nnx.GraphDef:
@@ -42,10 +43,18 @@ def extract(feature_fn, enc_params, data_cfg, *, split: str, batch_size: int, me
     t0 = time.perf_counter()
     out = {'cls': [], 'mean': [], 'label': [], 'index': []}
     sharding = parallel.batch_sharding(mesh)
-    for b in data.make_eval_iterator(data_cfg, split=split, global_batch_size=batch_size,
-                                     process_index=jax.process_index(), process_count=jax.process_count(),
-                                     limit=limit):
-        f = feature_fn(enc_params, jax.make_array_from_process_local_data(sharding, b['image']))
+    if data_cfg.get('pipeline', 'grain') == 'device':  # centre crops of the resident split, made on the device
+        batches = device_data.eval_batches(data_cfg, split=split, global_batch_size=batch_size, mesh=mesh,
+                                           limit=limit)
+    else:
+        batches = data.make_eval_iterator(data_cfg, split=split, global_batch_size=batch_size,
+                                          process_index=jax.process_index(), process_count=jax.process_count(),
+                                          limit=limit)
+    for b in batches:
+        images = b['image']
+        if not isinstance(images, jax.Array):
+            images = jax.make_array_from_process_local_data(sharding, images)
+        f = feature_fn(enc_params, images)
         valid = b['valid']
         for k in ('cls', 'mean'):
             out[k].append(parallel.local_rows(f[k], mesh)[valid])

@@ -8,6 +8,7 @@ the state, so a resumed run draws exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -18,8 +19,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from colormae_jax import checkpoint as ckpt_lib, data, metrics, parallel
-from colormae_jax.workdir import WorkdirLock
+from colormae_jax import checkpoint as ckpt_lib, data, datasets, metrics, parallel, workdir as workdir_lib
 
 
 class Task(Protocol):
@@ -62,13 +62,14 @@ class _Preemption:
     """When to stop early and save: on SIGTERM or once ``deadline`` (a ``time.time()``) has passed.
 
     One process: a SIGTERM handler sets :attr:`signalled`; the loop checks it after each step
-    and also before and after the task's host work of a step (``before_step``, where a long pass
-    such as FAMT's weight update may stop early on SIGTERM by chaining its own handler to this
-    one): then the step is not run and the state before it is saved. Several processes must
-    all stop at the same step, or the collective save would hang: there JAX's preemption sync
-    service (started by ``jax.distributed``, whose own SIGTERM notifier must not be replaced by
-    a Python handler) picks the step (``CheckpointManager.reached_preemption``), and process
-    0's clock decides the deadline for all, every ``check_every`` steps.
+    and also before and after the task's host work of a step (``before_step``): then the step
+    is not run and the state before it is saved. Long host work (FAMT's weight pass, a pass
+    over the dataset) polls :func:`stop_requested` between two pieces of work and stops early.
+    Several processes must all stop at the same step, or the collective save would hang: there
+    JAX's preemption sync service (started by ``jax.distributed``, whose own SIGTERM notifier
+    must not be replaced by a Python handler) picks the step (``CheckpointManager.reached_preemption``),
+    and process 0's clock decides the deadline for all, every ``check_every`` steps; host work
+    is not stopped early (a collective pass must run on every process).
     """
 
     def __init__(self, ckpt, deadline: float | None, check_every: int):
@@ -78,6 +79,7 @@ class _Preemption:
         self._old = None
 
     def __enter__(self):
+        _ACTIVE.append(self)
         if not self.multi:
             try:
                 self._old = signal.signal(signal.SIGTERM, self._handle)
@@ -90,6 +92,7 @@ class _Preemption:
         self.signalled = True
 
     def __exit__(self, *exc):
+        _ACTIVE.remove(self)
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
@@ -109,14 +112,33 @@ class _Preemption:
         return expired
 
 
+_ACTIVE: list[_Preemption] = []  # the stop checks of the loops running in this process (innermost last)
+
+
+def stop_requested() -> bool:
+    """For long host work within a step of the running loop (a masking strategy's refresh):
+    True once the loop has been told to stop (SIGTERM, one process; see :class:`_Preemption`).
+    Work that sees it stops between two pieces and leaves its state marked stale: the loop
+    then saves the state before the step and exits, and the relaunch redoes the work. False
+    outside a loop and with several processes."""
+    return bool(_ACTIVE) and _ACTIVE[-1].signalled
+
+
+class NonFiniteMetrics(FloatingPointError):
+    """A training metric (the loss) became NaN or infinite; nothing after the last good
+    checkpoint is saved. ``main`` prints it as one ``error:`` line and exits with code 3."""
+
+
 def _check_finite(step: int, values: dict, ckpt: ckpt_lib.Checkpointer) -> None:
     bad = {k: v for k, v in values.items() if not np.isfinite(v)}
     if bad:
         last = ckpt.latest_step()
-        raise FloatingPointError(
-            f'non-finite training metrics at step {step}: {bad}. The run stopped without saving; the last good '
-            f'checkpoint is {"step " + str(last) if last is not None else "none"} in {ckpt.directory}. '
-            f'Lower base_lr, lengthen the warm-up or set grad_clip_norm, then relaunch (it resumes from there).')
+        shown = ', '.join(f'{k}={v}' for k, v in sorted(bad.items()))
+        raise NonFiniteMetrics(
+            f'config.base_lr: non-finite training metrics at step {step} ({shown}); the run stopped without saving '
+            f'(the last good checkpoint is {"step " + str(last) if last is not None else "none"} in '
+            f'{ckpt.directory}); lower base_lr, lengthen the warm-up or set grad_clip_norm, then relaunch (it '
+            f'resumes from there)')
 
 
 def run(task: Task, config, workdir: str, it, abstract_state, init_fn: Callable[[], Any], *,
@@ -125,12 +147,16 @@ def run(task: Task, config, workdir: str, it, abstract_state, init_fn: Callable[
     ``workdir/checkpoints`` that restores and verifies (state, iterator and the task's extra
     items; a damaged step is set aside as ``STEP.damaged``, see
     ``Checkpointer.restore_newest``) or, when there is none, starts from ``init_fn()``.
-    Holds the workdir's lock (``workdir.WorkdirLock``: a second run on it is refused) and
+    Holds the workdir's lock (``workdir.WorkdirLock``: a second run on it is refused; taken
+    by ``main`` already), writes
+    the images its data left out (``data.skip_bad_images``) to ``workdir/skipped_images.txt``, and
     closes the iterator, the checkpointer and the writer, also on an exception."""
     workdir = os.path.abspath(workdir) if '://' not in workdir else workdir
     writer = None
     try:
-        with WorkdirLock(workdir):
+        with contextlib.nullcontext() if workdir_lib.held(workdir) else workdir_lib.WorkdirLock(workdir):
+            if jax.process_index() == 0 and '://' not in workdir and config.get('data') is not None:
+                datasets.write_skipped(config.data, workdir)  # the images left out (data.skip_bad_images), if any
             ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.ckpt.keep,
                                          async_save=config.ckpt.async_save,
                                          extra_items=tuple(task.abstract_extra() or ()))

@@ -1,8 +1,9 @@
 """Pre-trained params: reading them from any source, and the folder ``tools.convert import`` writes.
 
-:func:`load_pretrained` (what ``config.init_from`` names), :func:`load_any_params` (a run or an
-import folder), :func:`load_training_params` (a run's checkpoint, its params verified against
-the step's checksums), :func:`load_params` / :func:`save_params` (the import folder).
+:func:`load_pretrained` (what ``config.init_from`` names), :func:`load_any_params` (a run, an
+import folder, a Hugging Face folder, a ``.pth`` / ``.safetensors`` file: foreign layouts through
+:mod:`colormae_jax.interop`), :func:`load_training_params` (a run's checkpoint, its params verified
+against the step's checksums), :func:`load_params` / :func:`save_params` (the import folder).
 """
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from colormae_jax import model as model_lib
-from colormae_jax.checkpoint import CHECKSUMS, CheckpointError, _compare, _expect, _one_line, fingerprints
+from colormae_jax import interop, model as model_lib
+from colormae_jax.checkpoint import CheckpointError
+from colormae_jax.checksums import (
+    CHECKSUMS,
+    compare as _compare,
+    error_summary as _one_line,
+    expect as _expect,
+    fingerprints,
+)
 from colormae_jax.errors import ConfigError
 
 Params = Any
@@ -113,28 +121,54 @@ def load_training_params(directory: str, step: int | None = None) -> tuple[Param
     return state['params'], c, step
 
 
+def _is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, interop.HF_CONFIG)) and (
+        os.path.isfile(os.path.join(path, interop.HF_WEIGHTS)) or os.path.isfile(os.path.join(path, interop.HF_INDEX)))
+
+
 def load_any_params(source: str, step: int | None = None) -> tuple[Params, model_lib.MAEConfig, str]:
-    """Params from an ``import`` output directory or a training run -> (params, MAEConfig, description)."""
+    """Params of any pre-trained source -> (params, MAEConfig, description).
+
+    ``source``: a training ``--workdir`` (or its ``checkpoints`` folder; ``step``: None for the newest),
+    ``WORKDIR/checkpoints/STEP``, a ``tools.convert import`` folder, a Hugging Face ``save_pretrained``
+    folder (``config.json`` + ``model.safetensors``), or a ``.pth`` / ``.safetensors`` file in any layout
+    ``tools.convert import`` reads (the model from a ViTMAE ``config.json``, else from the shapes, the heads
+    from the variant table; other models: ``tools.convert import`` with ``--heads``). Raises
+    :class:`CheckpointError` / :class:`interop.ConversionError` (a ``ValueError``) saying what is wrong.
+    """
+    if os.path.isfile(source):
+        try:
+            params, report = interop.import_source(source)
+        except interop.ConversionError as e:
+            if 'heads are not in the shapes' not in str(e):
+                raise
+            raise interop.ConversionError(
+                f'{e} Read directly, {source} cannot be given them: import it once with python -m '
+                f'colormae_jax.tools.convert import {source} DIR --heads N --dec_heads N, and use DIR.') from None
+        return params, report.config, f'{report.layout} weights {os.path.abspath(source)}'
     if os.path.isfile(os.path.join(source, CONFIG_FILE)):
         params, c = load_params(source)
         return params, c, f'imported params {os.path.abspath(source)}'
+    if os.path.isdir(source) and _is_hf_folder(source):
+        params, report = interop.import_source(source)
+        return params, report.config, f'Hugging Face ViTMAE folder {os.path.abspath(source)}'
+    m = re.match(r'^(.*?)/checkpoints/(\d+)/?$', source)
+    if m and step is None:
+        source, step = m.group(1), int(m.group(2))
     params, c, step = load_training_params(source, step)
     return params, c, f'training checkpoint {os.path.abspath(source)} step {step}'
 
 
 def load_pretrained(init_from: str) -> tuple[dict, model_lib.MAEConfig, str]:
-    """(MAE params as a pure dict, its MAEConfig, a description) from ``config.init_from``: a
-    pre-training workdir, ``WORKDIR/checkpoints/STEP``, or a ``tools.convert import`` folder."""
+    """(MAE params as a pure dict, its MAEConfig, a description) from ``config.init_from``: any source
+    :func:`load_any_params` reads (a pre-training workdir, ``WORKDIR/checkpoints/STEP``, a ``tools.convert
+    import`` folder, a Hugging Face folder, a ``.pth`` / ``.safetensors`` file)."""
     if not init_from:
         raise ConfigError('init_from', 'set the pre-training run to evaluate, e.g. '
                                        '--config.init_from=/tmp/mae_green (a workdir or its checkpoints/STEP)')
-    step = None
-    m = re.match(r'^(.*?)/checkpoints/(\d+)/?$', init_from)
-    if m:
-        init_from, step = m.group(1), int(m.group(2))
-    if not os.path.isdir(init_from):
-        raise ConfigError('init_from', f'{init_from!r} is not a directory')
+    if not os.path.exists(init_from):
+        raise ConfigError('init_from', f'{init_from!r} is not a directory or a weights file (it does not exist)')
     try:
-        return load_any_params(init_from, step)
+        return load_any_params(init_from)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ConfigError('init_from', f'cannot read pre-trained params from {init_from!r}: {e}') from None

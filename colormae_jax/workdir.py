@@ -73,14 +73,30 @@ def _stale(holder: dict) -> str | None:
     return None
 
 
+_HELD: set[str] = set()  # the workdirs whose lock this process holds (every process of a run alike)
+
+
+def _key(workdir: str) -> str:
+    return workdir if '://' in workdir else os.path.abspath(workdir)
+
+
+def held(workdir: str) -> bool:
+    """Whether this process holds ``workdir``'s lock already (``main`` takes it before
+    preparing the data, so that a second run is refused within seconds; ``loop.run`` then
+    does not take it again)."""
+    return _key(workdir) in _HELD
+
+
 class WorkdirLock:
     """``with WorkdirLock(workdir):`` holds ``workdir``'s lock (process 0) for the block.
-    Every process enters and leaves it; all raise WorkdirError if process 0 cannot lock."""
+    Every process enters and leaves it; all raise WorkdirError if process 0 cannot lock
+    (also a second lock of the same workdir in one process: see :func:`held`)."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_FILE)
         self.token: str | None = None
+        self._key, self._held = _key(workdir), False
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()
@@ -90,6 +106,11 @@ class WorkdirLock:
         self.release()
 
     def acquire(self) -> None:
+        self._acquire_all()
+        self._held = True
+        _HELD.add(self._key)
+
+    def _acquire_all(self) -> None:
         if '://' in self.workdir:
             logging.info('%s is not a local folder: it is not locked; make sure no other run uses it.', self.workdir)
             return
@@ -175,6 +196,9 @@ class WorkdirLock:
                                                                     f'checked from here), delete {self.path}'))
 
     def release(self) -> None:
+        if self._held:
+            self._held = False
+            _HELD.discard(self._key)
         if self.token is None:
             return
         token, self.token = self.token, None

@@ -116,7 +116,7 @@ def main():
     from absl import logging
 
     from colormae_jax import data, main
-    from colormae_jax.main import configure_logging
+    from colormae_jax.cli import configure_logging
     from colormae_jax.tasks import pretrain
 
     from helpers import smoke_config

@@ -13,7 +13,8 @@ PKG = ROOT / 'colormae_jax'
 LAYERS = [
     ('entry', ['main', 'cli', 'api', 'tools.*']),
     ('tasks', ['tasks', 'tasks.*']),
-    ('shared', ['loop', 'optim', 'knn', 'checkpoint', 'checksums', 'weights', 'config_lib', 'masking', 'masking.*']),
+    ('shared', ['loop', 'optim', 'knn', 'checkpoint', 'checksums', 'weights', 'interop', 'config_lib', 'masking',
+                'masking.*']),
     ('base', ['model', 'classifier', 'augment', 'data', 'datasets', 'parallel', 'metrics', 'distributed',
               'defaults', 'workdir', 'posembed', 'viz', 'device_data', 'segmentation', 'seg_data']),
     ('bottom', ['errors']),

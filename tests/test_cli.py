@@ -87,24 +87,24 @@ def test_flag_errors_are_one_line(tmp_path, case):
 
 
 def test_flag_error_messages():
-    """More messages of main._flag_error, in this process (the subprocess tests above cover the path)."""
+    """More messages of cli._flag_error, in this process (the subprocess tests above cover the path)."""
     from absl import flags
 
-    from colormae_jax import main
+    from colormae_jax import cli
     config = f'--config={REPO}/configs/cifar10.py:smoke'
-    assert main._flag_error(AttributeError('maks'), ['m', config, '--config.maks.ratio=0.5']) == \
+    assert cli._flag_error(AttributeError('maks'), ['m', config, '--config.maks.ratio=0.5']) == \
         'config.maks.ratio: no such key; did you mean config.mask.ratio?'
-    assert main._flag_error(KeyError('x'), ['m', config, '--config.zzz_qqq=1']) == \
+    assert cli._flag_error(KeyError('x'), ['m', config, '--config.zzz_qqq=1']) == \
         'config.zzz_qqq: no such key; the keys are those of the config file and colormae_jax/defaults.py'
-    assert main._flag_error(flags.UnrecognizedFlagError('workdirr'), ['m', '--workdirr=/tmp/x']) == \
+    assert cli._flag_error(flags.UnrecognizedFlagError('workdirr'), ['m', '--workdirr=/tmp/x']) == \
         '--workdirr: unknown flag; did you mean --workdir?'
-    assert main._flag_error(flags.UnrecognizedFlagError('config.batch_size'), ['m', '--config.batch_size=3']) == \
+    assert cli._flag_error(flags.UnrecognizedFlagError('config.batch_size'), ['m', '--config.batch_size=3']) == \
         '--config.batch_size: an override needs a config file; give --config first, e.g. ' \
         '--config=configs/cifar10.py:smoke --config.batch_size=...'
     e = flags.IllegalFlagValueError('flag --config=None: Flag --config must have a value other than None.')
-    assert main._flag_error(e, ['m']) == '--config: missing; give it, e.g. --config=configs/cifar10.py:smoke'
+    assert cli._flag_error(e, ['m']) == '--config: missing; give it, e.g. --config=configs/cifar10.py:smoke'
     e = flags.IllegalFlagValueError("flag --config.base_lr=x: could not convert string to float: 'x'")
-    assert main._flag_error(e, ['m', config, '--config.base_lr=x']) == \
+    assert cli._flag_error(e, ['m', config, '--config.base_lr=x']) == \
         "config.base_lr: cannot use 'x' (could not convert string to float: 'x'); give a number like the config's 0.01"
 
 
@@ -171,34 +171,34 @@ def test_sigterm_exits_with_the_preemption_code(tmp_path):
 
 
 def test_noise_filter_keeps_real_warnings():
-    from colormae_jax import main
+    from colormae_jax import cli
 
     def record(level, msg):
         return py_logging.LogRecord('x', level, __file__, 1, msg, None, None)
 
-    assert not main._drop_noise(record(py_logging.INFO, "Unable to initialize backend 'tpu': INTERNAL: no libtpu"))
-    assert not main._drop_noise(record(py_logging.WARNING, "Using custom data configuration: BuilderConfig(...)"))
-    assert main._drop_noise(record(py_logging.WARNING, "Unable to initialize backend 'tpu': ..."))  # not INFO
-    assert main._drop_noise(record(py_logging.ERROR, 'Using custom data configuration'))
-    assert main._drop_noise(record(py_logging.INFO, "Unable to initialize backend 'cuda'"))
-    assert main._drop_noise(record(py_logging.WARNING, 'a real warning'))
+    assert not cli._drop_noise(record(py_logging.INFO, "Unable to initialize backend 'tpu': INTERNAL: no libtpu"))
+    assert not cli._drop_noise(record(py_logging.WARNING, "Using custom data configuration: BuilderConfig(...)"))
+    assert cli._drop_noise(record(py_logging.WARNING, "Unable to initialize backend 'tpu': ..."))  # not INFO
+    assert cli._drop_noise(record(py_logging.ERROR, 'Using custom data configuration'))
+    assert cli._drop_noise(record(py_logging.INFO, "Unable to initialize backend 'cuda'"))
+    assert cli._drop_noise(record(py_logging.WARNING, 'a real warning'))
 
 
 def test_error_line_of_a_checkpoint_mismatch():
-    from colormae_jax import checkpoint, main
+    from colormae_jax import checkpoint, cli
     e = checkpoint.CheckpointMismatch(
         'The checkpoint /w/checkpoints/4 does not match this config:\n'
         "  model.variant: checkpoint has 'Ti/4', config has 'S/4'\n"
         '  state/params/x: checkpoint has (1,), config needs (2,)\n'
         'Use a new --workdir for a different model, or restore the config (saved in /w/checkpoints/4/config).')
-    assert main.error_line(e) == (
+    assert cli.error_line(e) == (
         "error: /w/checkpoints/4: the checkpoint does not match this config: model.variant: checkpoint has 'Ti/4', "
         "config has 'S/4'; state/params/x: checkpoint has (1,), config needs (2,); Use a new --workdir for a "
         'different model, or restore the config (saved in /w/checkpoints/4/config).')
-    assert main.error_line(RuntimeError('a bug')) is None  # shown with its traceback
-    assert main.error_line(PermissionError(13, 'Permission denied', '/w/tb/x'), '/w') == (
+    assert cli.error_line(RuntimeError('a bug')) is None  # shown with its traceback
+    assert cli.error_line(PermissionError(13, 'Permission denied', '/w/tb/x'), '/w') == (
         'error: /w/tb/x: Permission denied; give --workdir a folder this user can write (an existing one is resumed)')
-    assert main.error_line(PermissionError(13, 'Permission denied', '/elsewhere'), '/w') is None
+    assert cli.error_line(PermissionError(13, 'Permission denied', '/elsewhere'), '/w') is None
 
 
 def test_data_preparation_failure_on_process_0_reaches_every_process(tmp_path, monkeypatch):

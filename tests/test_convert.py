@@ -285,6 +285,11 @@ def test_export_from_a_training_checkpoint(tmp_path):
     assert_identical(back, params)
     restored, c2, step = weights.load_training_params(str(tmp_path / 'wd'))
     assert step == 7 and c2 == c
+    # load_any_params (what init_from and the API read): the step folder, and the .pth itself
+    _, c4, what = weights.load_any_params(str(tmp_path / 'wd' / 'checkpoints' / '7'))
+    assert c4 == c and what.endswith('step 7')
+    with pytest.raises(convert.ConversionError, match='heads are not in the shapes.*convert import .* --dec_heads N'):
+        weights.load_any_params(out)  # the mu/4 decoder (32 x 1) is not MAE's: its heads are unknown
     with pytest.raises(checkpoint.CheckpointError, match=r'has no step 3; it has \[7\]'):
         weights.load_training_params(str(tmp_path / 'wd'), step=3)
     assert os.listdir(tmp_path / 'wd' / 'checkpoints') == ['7']

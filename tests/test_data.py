@@ -222,14 +222,18 @@ def test_bad_images_are_all_named_before_anything_is_written(tmp_path):
     c.root, c.data_dir, c.image_size = root, str(tmp_path / 'tfds'), 32
     with pytest.raises(errors.DataError) as e:
         datasets.prepare(c)
-    msg = str(e.value)
-    assert msg.startswith(f'data.root={root}: 3 of 9 images cannot be used')
-    assert 'remove or replace them, or set --config.data.skip_bad_images=True' in msg
-    lines = msg.splitlines()[1:]
-    assert lines[0].startswith(f'  {root}/train/cat/cut.jpg: truncated or corrupt (OSError: ')
-    assert lines[1:] == [f'  {root}/train/dog/empty.jpg: empty (0 bytes)',
-                         f'  {root}/train/dog/notes.jpg: not an image (PIL cannot identify it)']
-    assert not os.path.exists(tmp_path / 'tfds' / 'image_folder')  # nothing was written
+    msg = str(e.value)  # one line: the count, each bad file with its reason, where all are listed
+    assert '\n' not in msg and msg.startswith(f'data.root={root}: 3 of 9 images cannot be used')
+    assert f'nothing was prepared ({root}/train/cat/cut.jpg: truncated or corrupt (OSError: ' in msg
+    assert (f' | {root}/train/dog/empty.jpg: empty (0 bytes) | {root}/train/dog/notes.jpg: not an image (PIL '
+            f'cannot identify it); all listed in ') in msg
+    assert msg.endswith('); remove or replace them, or set --config.data.skip_bad_images=True to leave them out '
+                        f'(then listed in {datasets.SKIPPED_FILE} next to the prepared data and in the workdir)')
+    listed = msg.split('; all listed in ')[1].split(')')[0]
+    assert os.path.dirname(listed) == str(tmp_path / 'tfds' / 'image_folder') and listed.endswith('.bad_images.txt')
+    assert [x.split('\t')[0] for x in open(listed).read().splitlines()[1:]] == [
+        f'{root}/train/cat/cut.jpg', f'{root}/train/dog/empty.jpg', f'{root}/train/dog/notes.jpg']
+    assert os.listdir(tmp_path / 'tfds' / 'image_folder') == [os.path.basename(listed)]  # nothing else written
 
 
 def test_more_than_twenty_bad_images_are_counted(tmp_path):
@@ -240,8 +244,11 @@ def test_more_than_twenty_bad_images_are_counted(tmp_path):
     c.root, c.data_dir = root, str(tmp_path / 'tfds')
     with pytest.raises(errors.DataError, match='23 of 24 images cannot be used') as e:
         datasets.prepare(c)
-    lines = str(e.value).splitlines()
-    assert len(lines) == 1 + 20 + 1 and lines[-1] == '  ... and 3 more'
+    msg = str(e.value)
+    assert '\n' not in msg and msg.count('z1') == 10 and msg.count('z2') == 0  # 20 named: z00 .. z19
+    assert ' | ... and 3 more; all listed in ' in msg
+    listed = msg.split('; all listed in ')[1].split(')')[0]
+    assert len(open(listed).read().splitlines()) == 1 + 23
     c.skip_bad_images = True  # a split with nothing left is refused, not prepared empty
     open(os.path.join(root, 'train', 'a', '0000.png'), 'wb').close()
     with pytest.raises(errors.DataError, match='split folder .*train: all its 24 images cannot be used'):

@@ -107,7 +107,8 @@ def test_eval_bad_input(pretrained, tmp_path):
     with pytest.raises(config_lib.ConfigError, match='config.init_from: .* is not a directory'):
         main.run(_eval_config('knn', root, dd, str(tmp_path / 'nope')), str(tmp_path / 'x'),
                                  devices=DEV)
-    with pytest.raises(config_lib.ConfigError, match='config.data.image_size: 64, but the encoder'):
+    with pytest.raises(config_lib.ConfigError,
+                       match="config.model.pos_embed_resize: 'interpolate' at another image size"):
         main.run(_eval_config('knn', root, dd, mae, **{'data.image_size': 64}), str(tmp_path / 'x'),
                                  devices=DEV)
     with pytest.raises(config_lib.ConfigError, match="config.probe.mode: 'slow'"):

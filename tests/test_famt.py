@@ -302,3 +302,45 @@ def test_famt_config_runs_amts_phases_and_logs_them(folder, tmp_path, caplog):
     assert "Masking with 'famt' (mask 0.45, throw 0.4: 10 visible, 28 masked, 26 thrown of 64) from step 11" in text
     assert 'FAMT weights of 32 examples updated before step 11' in text
     assert 'uniform weights' not in text  # FAMT never masks before its first update here
+
+
+class _Writer:
+    def write_scalars(self, step, scalars):
+        pass
+
+
+@pytest.mark.slow  # 13 s on the 2-core VM: two weight passes compiled
+def test_device_store_holds_the_host_stores_weights_and_the_step_gathers_them(folder):
+    """data.pipeline='device': the update pass writes the same maps as the host store's (to float
+    tolerance: other batches through the encoder), on the device; nothing is looked up on the
+    host per step (no batch field): the step gets the table as its aux and gathers the batch's
+    rows, drawing the masks the host path draws from the same weights."""
+    root, data_dir = folder
+    mesh = parallel.make_mesh(_famt_config(root, data_dir).mesh, jax.devices()[:1])
+    phases = {}
+    for pipe in ('grain', 'device'):
+        t = pretrain.make_trainer(_famt_config(root, data_dir, **{'data.pipeline': pipe}), mesh, steps_per_epoch=4)
+        phases[pipe] = pretrain.MaskPhases(t)
+        phases[pipe].states['famt'].refresh(4, model.init_mae_params(t.mae, 0), _Writer())
+    host, dev = phases['grain'].states['famt'], phases['device'].states['famt']
+    table = dev.store.table
+    assert isinstance(table, jax.Array) and table.shape == (32, 64) and table.sharding == parallel.replicated(mesh)
+    assert int(dev.store.updated_at) == int(host.store.updated_at) == 4
+    assert np.asarray(table).std() > 0.05  # not the uniform table
+    np.testing.assert_allclose(np.asarray(table), host.store.table[:32], rtol=1e-5, atol=1e-5)
+
+    idx = np.random.default_rng(0).permutation(32)[:8].astype(np.int32)
+    batch = {'image': np.zeros((8, 32, 32, 3), np.uint8), 'index': idx,
+             'crop': np.tile(np.asarray([[0.1, 0.2, 0.7, 0.6]], np.float32), (8, 1)), 'flip': np.arange(8) % 2 == 0}
+    assert dev.batch_fields(batch) == {} and famt.WEIGHT_KEY in host.batch_fields(batch)
+    strategy, aux, _, _ = phases['device'].get(0)
+    assert aux['table'] is table  # the step's aux: the device table
+    key = jax.random.PRNGKey(5)
+    on_device = jax.jit(strategy)(key, batch, aux)
+    on_host = strategy(key, dict(batch, **{famt.WEIGHT_KEY: np.asarray(table)[idx]}), ())
+    for a, b in zip(on_device, on_host):
+        np.testing.assert_array_equal(a, b)
+
+    dev.refresh(8, model.init_mae_params(t.mae, 1), _Writer())  # the next pass: a new table ...
+    assert phases['device'].get(0)[1]['table'] is dev.store.table is not table
+    assert np.asarray(table).shape == (32, 64)  # ... the one a step or a checkpoint may hold is not donated

@@ -1,5 +1,6 @@
-"""Preemption during host work: SIGTERM in FAMT's weight pass stops it between batches, the loop
-saves the state before the step, and the resumed run equals an uninterrupted one bitwise."""
+"""Preemption during host work: SIGTERM in FAMT's weight pass stops it between batches (the pass
+polls the loop's stop check), the loop saves the state before the step, and the resumed run
+equals an uninterrupted one bitwise."""
 import os
 import signal
 
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from colormae_jax import main, parallel
+from colormae_jax import loop, main, parallel
 from colormae_jax.masking import famt
 
 from helpers import make_folder, smoke_config
@@ -39,21 +40,16 @@ def test_update_pass_stops_between_batches():
     assert secs is not None and secs >= 0 and store.table[-1, 0] == 7.0
 
 
-def test_sigterm_flag_chains_the_handler_in_place():
-    seen = []
-    old = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
-    try:
-        handler = signal.getsignal(signal.SIGTERM)
-        with famt._sigterm_flag() as stopped:
-            assert not stopped()
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert stopped() and seen == [signal.SIGTERM]  # set, and the loop's handler still told
-        assert signal.getsignal(signal.SIGTERM) is handler  # restored
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        with famt._sigterm_flag() as stopped:  # no Python handler (no loop): nothing installed
-            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not stopped()
-    finally:
-        signal.signal(signal.SIGTERM, old)
+def test_the_loops_stop_check_reaches_host_work():
+    """``loop.stop_requested`` (what FAMT's pass polls) is True once SIGTERM reached the running
+    loop's handler, False outside a loop; the handler in place before the loop comes back."""
+    before = signal.getsignal(signal.SIGTERM)
+    assert not loop.stop_requested()
+    with loop._Preemption(ckpt=None, deadline=None, check_every=1) as preemption:
+        assert signal.getsignal(signal.SIGTERM) != before and not loop.stop_requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert loop.stop_requested() and preemption.signalled and preemption(1)
+    assert not loop.stop_requested() and signal.getsignal(signal.SIGTERM) == before
 
 
 @pytest.fixture(scope='module')

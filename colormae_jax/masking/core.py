@@ -103,18 +103,19 @@ class HostState:
     """Host-side state of a strategy, with no-op hooks to override.
 
     The training task calls :meth:`refresh` before every step, merges :meth:`batch_fields`
-    into each process-local batch of the steps the strategy masks, and saves :meth:`items`
+    into each process-local batch of the steps the strategy masks, passes :meth:`step_aux`
+    (when not None) to those steps as their ``aux``, and saves :meth:`items`
     with each checkpoint (restored through :meth:`abstract_items` and :meth:`load_items`).
 
     Preemption: when SIGTERM arrives before or during :meth:`refresh` (one process), the
     training loop saves the state as it was before the step (the host state's items too) and
     exits without running the step; the relaunch calls :meth:`refresh` for that step again.
-    A long refresh (a pass over the dataset) should therefore stop early on SIGTERM, between
-    two pieces of work, and leave its items marked stale so that the relaunch redoes it in
-    full: FAMT's pass chains a handler to the loop's for its duration and then leaves
-    ``updated_at`` unchanged (``masking/famt.py``, ``_sigterm_flag``). With several processes
-    a collective pass must not stop on one process alone: it finishes, and JAX's preemption
-    sync point stops the run after the next step.
+    A long refresh (a pass over the dataset) should therefore poll the loop's stop check,
+    ``colormae_jax.loop.stop_requested()``, between two pieces of work, stop when it turns
+    True and leave its items marked stale so that the relaunch redoes it in full: FAMT's pass
+    then leaves ``updated_at`` unchanged (``masking/famt.py``). With several processes the
+    check stays False (a collective pass must not stop on one process alone): the pass
+    finishes, and JAX's preemption sync point stops the run after the next step.
     """
 
     def refresh(self, step: int, params: Any, writer: Any) -> None:
@@ -124,6 +125,12 @@ class HostState:
     def batch_fields(self, batch: dict) -> dict:
         """Entries added to a process-local numpy batch (its ``index`` names the examples)."""
         return {}
+
+    def step_aux(self) -> Any:
+        """Device state the strategy's steps take as their ``aux`` in place of ``init_aux``'s (FAMT's
+        weight table with ``data.pipeline='device'``), asked for before each step; None: none. Its
+        tree and shapes stay the same over the run, replicated on the mesh (the step compiles once)."""
+        return None
 
     def items(self) -> dict:
         """Checkpoint items ``{name: tree of arrays}``; names must not clash with other strategies'."""

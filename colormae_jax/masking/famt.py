@@ -10,7 +10,10 @@ Three parts:
 * :class:`WeightStore`: the per-example table of those maps over the patch grid, on the
   host of each process (only its own examples), indexed by the dataset index the pipeline
   carries; :class:`FAMTState` (the strategy's host state) refreshes it on schedule, looks it
-  up per batch and checkpoints it with the train state.
+  up per batch and checkpoints it with the train state. With ``data.pipeline='device'`` the
+  table is :class:`DeviceWeightStore` instead: ``[num_examples, N]`` on the mesh, written by
+  jitted scatters of the update pass and gathered inside the step by the batch's ``index``
+  (it reaches the step as its ``aux``, :meth:`FAMTState.step_aux`); nothing per step on the host.
 * :class:`FAMTMasking`: in the jitted step, the map is resampled onto the training crop
   (box and flip from the pipeline), and a weighted order of the patches without
   replacement is drawn by Gumbel top-k. The first ``mask_ratio N`` drawn are masked, the
@@ -19,14 +22,11 @@ Three parts:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-import signal
-import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from colormae_jax import data, datasets, parallel
+from colormae_jax import data, datasets, device_data, loop, parallel
 from colormae_jax.errors import ConfigError
 from colormae_jax.masking import core
 
@@ -124,7 +124,8 @@ def gumbel_keys(rng: jax.Array, weights: jax.Array, floor: float) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class FAMTMasking(core.Strategy):
-    """Weighted masking and throwing; needs ``batch[WEIGHT_KEY]`` (else: uniform weights)."""
+    """Weighted masking and throwing by ``batch[WEIGHT_KEY]``, or by the rows ``batch['index']``
+    of ``aux['table']`` (the device store); with neither, uniform weights."""
     warmup_epochs: float = 40.0
     update_every_epochs: float = 40.0
     freq_weight: float = 0.5
@@ -192,6 +193,11 @@ class FAMTMasking(core.Strategy):
         g = self.grid
         if WEIGHT_KEY in batch:
             w = batch[WEIGHT_KEY].astype(jnp.float32)
+        elif isinstance(aux, dict) and 'table' in aux:  # DeviceWeightStore: gathered on the device
+            w = aux['table'][batch['index']]
+        else:
+            w = None
+        if w is not None:
             gw = int(round(math.sqrt(w.shape[-1])))
             w = w.reshape(b, gw, gw)
             if 'crop' in batch:
@@ -251,6 +257,13 @@ class WeightStore:
         if valid is not None:
             index, weights = index[np.asarray(valid)], weights[np.asarray(valid)]
         self.table[self.rows_of(index)] = weights
+
+    def begin_pass(self) -> None:
+        """Called before an update pass (the device store's first write keeps the old table)."""
+
+    def write_batch(self, index: np.ndarray, weights: jax.Array, valid: np.ndarray, mesh) -> None:
+        """One batch of the update pass: ``weights`` a global [B, N] array, this process's rows kept."""
+        self.write(index, parallel.local_rows(weights, mesh), valid)
 
     # -- checkpointing: a global array [process_count * rows, N], process p's rows at
     # [p * rows, (p + 1) * rows) on its own devices (a 1-D mesh of the devices in process
@@ -320,20 +333,77 @@ def _store_mesh(mesh) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices), ('data',))
 
 
-def update_pass(store: WeightStore, weights_fn, batches, mesh, *, show_progress: bool,
+def _scatter(table: jax.Array, index: jax.Array, weights: jax.Array, valid: jax.Array) -> jax.Array:
+    rows = jnp.where(valid, index, table.shape[0])  # padding rows: out of bounds, dropped
+    return table.at[rows].set(weights.astype(table.dtype), mode='drop')
+
+
+class DeviceWeightStore:
+    """Per-example weight maps ``[num_examples, N]`` float32 on the mesh, replicated like the
+    resident split (``data.pipeline='device'``, one process): row ``i`` is example ``i``.
+
+    The update pass writes each batch with a jitted scatter on the device (the first write of
+    a pass makes a new table, the next ones update it in place, donated), and the step gathers
+    its batch's rows from :attr:`table`, its ``aux``. Checkpointed as the host store's item
+    (``table``, ``process_examples`` = [num_examples], ``updated_at``), the table as a
+    replicated array.
+    """
+
+    def __init__(self, num_examples: int, grid: int, mesh):
+        self.num_examples, self.grid = num_examples, grid
+        self.sharding = parallel.replicated(mesh)
+        self.table = jax.device_put(np.ones((num_examples, grid * grid), np.float32), self.sharding)
+        self.updated_at = np.full((), -1, np.int64)
+        self._write = jax.jit(_scatter, out_shardings=self.sharding)
+        self._write_donated = jax.jit(_scatter, out_shardings=self.sharding, donate_argnums=0)
+        self._fresh = True
+
+    def begin_pass(self) -> None:
+        self._fresh = True  # the table of the last pass may be held by a step or a checkpoint: not donated
+
+    def write_batch(self, index: np.ndarray, weights: jax.Array, valid: np.ndarray, mesh=None) -> None:
+        write = self._write if self._fresh else self._write_donated
+        self.table = write(self.table, np.asarray(index, np.int32), weights, np.asarray(valid, bool))
+        self._fresh = False
+
+    def to_global(self, mesh=None) -> dict:
+        return {'table': self.table, 'process_examples': np.asarray([self.num_examples], np.int64),
+                'updated_at': self.updated_at}
+
+    def abstract(self, mesh=None) -> dict:
+        """The restore target (a checkpoint of another shape is named by ``check_compatible``)."""
+        return {'table': jax.ShapeDtypeStruct((self.num_examples, self.grid * self.grid), jnp.float32,
+                                              sharding=self.sharding),
+                'process_examples': np.zeros((1,), np.int64), 'updated_at': np.zeros((), np.int64)}
+
+    def load(self, restored: dict, mesh=None) -> None:
+        counts = restored.get('process_examples')
+        if counts is not None and int(np.sum(counts)) != self.num_examples:
+            raise ValueError(f'the checkpoint\'s FAMT weight store holds {int(np.sum(counts))} examples, the dataset '
+                             f'{self.num_examples}: use a new --workdir for another dataset')
+        self.updated_at = np.asarray(restored['updated_at'], np.int64)
+        self.table = jax.device_put(restored['table'], self.sharding)
+        self._fresh = True
+
+
+def update_pass(store: WeightStore | DeviceWeightStore, weights_fn, batches, mesh, *, show_progress: bool,
                 total: int | None = None, should_stop: Callable[[], bool] | None = None) -> float | None:
     """Recomputes every row of ``store``. ``batches``: this process's examples, whole images,
-    padded (``data.make_eval_iterator(view='resize')``); ``weights_fn``: jitted, global images
+    padded (``data.make_eval_iterator(view='resize')``, or ``device_data.eval_batches`` for the
+    device store, whose rows never leave the device); ``weights_fn``: jitted, global images
     -> global [B, N] maps. Returns the seconds taken, or None when ``should_stop()`` turned
     True between two batches: the pass then stops there (``batches`` closed), the rows written
     so far stay, and the caller leaves ``store.updated_at`` as it was, so that the update is
     redone in full (see :meth:`FAMTState.refresh`)."""
     t0 = time.perf_counter()
     sharding = parallel.batch_sharding(mesh)
+    store.begin_pass()
     try:
         for batch in tqdm(batches, total=total, desc='FAMT weight update', unit='batch', disable=not show_progress):
-            images = jax.make_array_from_process_local_data(sharding, batch['image'])
-            store.write(batch['index'], parallel.local_rows(weights_fn(images), mesh), batch['valid'])
+            images = batch['image']
+            if not isinstance(images, jax.Array):  # the grain pass's numpy; the device pass's is global already
+                images = jax.make_array_from_process_local_data(sharding, images)
+            store.write_batch(batch['index'], weights_fn(images), batch['valid'], mesh)
             if should_stop is not None and should_stop():
                 return None
     finally:
@@ -343,39 +413,13 @@ def update_pass(store: WeightStore, weights_fn, batches, mesh, *, show_progress:
     return time.perf_counter() - t0
 
 
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[Callable[[], bool]]:
-    """Yields ``stopped()``, True once SIGTERM has arrived, for a pass to stop between batches.
-
-    The SIGTERM handler in place (the training loop's: save after the step, then exit) is
-    chained, not replaced, and restored afterwards. Nothing is installed, and ``stopped()``
-    stays False, with several processes (the pass is a collective: every process must run
-    all its batches; JAX's preemption sync point stops the run after the next step), outside
-    the main thread, or when no Python handler is in place (outside the loop SIGTERM keeps
-    its default: the process ends).
-    """
-    received = threading.Event()
-    old = signal.getsignal(signal.SIGTERM)
-    if jax.process_count() > 1 or not callable(old) or threading.current_thread() is not threading.main_thread():
-        yield received.is_set
-        return
-
-    def handle(signum, frame):
-        received.set()
-        old(signum, frame)
-
-    signal.signal(signal.SIGTERM, handle)
-    try:
-        yield received.is_set
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 # ----------------------------------------------------------------------------- the host state
 
 class FAMTState(core.HostState):
     """The weight store of a run, refreshed by a jitted pass over the training split on
-    schedule (only the updates whose weights some FAMT step uses) and checkpointed as ``famt``."""
+    schedule (only the updates whose weights some FAMT step uses) and checkpointed as ``famt``:
+    a host :class:`WeightStore` looked up per batch (grain), or a :class:`DeviceWeightStore`
+    passed to the step as its ``aux`` (``data.pipeline='device'``)."""
 
     def __init__(self, f: FAMTMasking, run: core.RunContext):
         self.f, self.run = f, run
@@ -386,8 +430,11 @@ class FAMTState(core.HostState):
             logging.warning('FAMT masks from step %d with uniform weights (random masking and throwing) until its '
                             'first weight update before step %d; AMT runs random masking at 0.75 until then '
                             "(mask.schedule='random:0.75,famt@...').", run.active[0][0] + 1, first + 1)
-        self.store = WeightStore(datasets.num_examples(run.config.data), run.model.grid, jax.process_index(),
-                                 jax.process_count(), pad_to=len(run.mesh.local_devices))
+        n = datasets.num_examples(run.config.data)
+        self.on_device = run.config.data.get('pipeline', 'grain') == 'device'  # one process (config_lib)
+        self.store = (DeviceWeightStore(n, run.model.grid, run.mesh) if self.on_device else
+                      WeightStore(n, run.model.grid, jax.process_index(), jax.process_count(),
+                                  pad_to=len(run.mesh.local_devices)))
         self._weights_fn = None
 
     def _useful(self, updates: list[int]) -> set[int]:
@@ -397,7 +444,12 @@ class FAMTState(core.HostState):
         return {u for u, n in zip(updates, nexts) if any(a < n and u < b for a, b in self.run.active)}
 
     def batch_fields(self, batch: dict) -> dict:
+        if self.on_device:  # the step gathers its rows from step_aux's table
+            return {}
         return {WEIGHT_KEY: self.store.lookup(batch['index'])}
+
+    def step_aux(self) -> dict | None:
+        return {'table': self.store.table} if self.on_device else None
 
     def items(self) -> dict:
         return {'famt': self.store.to_global(self.run.mesh)}
@@ -422,13 +474,16 @@ class FAMTState(core.HostState):
             self._weights_fn = jax.jit(weights, out_shardings=parallel.batch_sharding(run.mesh))
         bs = f.update_batch_size or run.config.batch_size
         n_local = math.ceil(self.store.num_examples / jax.process_count())
-        batches = data.make_eval_iterator(run.config.data, split=run.config.data.split, global_batch_size=bs,
-                                          process_index=jax.process_index(), process_count=jax.process_count(),
-                                          view='resize')
-        with _sigterm_flag() as stopped:
-            secs = update_pass(self.store, functools.partial(self._weights_fn, params), batches, run.mesh,
-                               show_progress=jax.process_index() == 0,
-                               total=math.ceil(n_local / (bs // jax.process_count())), should_stop=stopped)
+        if self.on_device:  # the resident split, in order, on the device
+            batches = device_data.eval_batches(run.config.data, split=run.config.data.split, global_batch_size=bs,
+                                               mesh=run.mesh, view='resize')
+        else:
+            batches = data.make_eval_iterator(run.config.data, split=run.config.data.split, global_batch_size=bs,
+                                              process_index=jax.process_index(), process_count=jax.process_count(),
+                                              view='resize')
+        secs = update_pass(self.store, functools.partial(self._weights_fn, params), batches, run.mesh,
+                           show_progress=jax.process_index() == 0,
+                           total=math.ceil(n_local / (bs // jax.process_count())), should_stop=loop.stop_requested)
         if secs is None:  # SIGTERM: the loop saves the state before this step and exits; the resumed run redoes it
             logging.warning('FAMT weight update before step %d interrupted by SIGTERM; it is redone in full when the '
                             'run resumes.', step + 1)

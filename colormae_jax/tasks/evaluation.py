@@ -2,13 +2,15 @@
 they write, and :class:`ClassifierTask`, a classifier trained by the shared loop (linear
 probe, fine-tuning).
 
-Each evaluation starts from a pre-training run (``config.init_from``: a workdir, one of its
-``checkpoints/STEP`` folders, or a folder written by ``tools.convert import``), runs on the
-config's mesh with the same data pipeline, and writes its results to TensorBoard and to
-``workdir/results.json``.
+Each evaluation starts from a pre-trained encoder (``config.init_from``: a workdir, one of its
+``checkpoints/STEP`` folders, a ``tools.convert import`` folder, a Hugging Face folder, a ``.pth`` /
+``.safetensors`` file), at the source's image size or another one (:func:`resize_encoder`, by
+``config.model.pos_embed_resize``), runs on the config's mesh with the same data pipeline, and writes
+its results to TensorBoard and to ``workdir/results.json``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -18,14 +20,65 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import nnx
 
-from colormae_jax import config_lib, data, loop, metrics, parallel, weights
+from colormae_jax import config_lib, data, knn, loop, metrics, model as model_lib, parallel, posembed, weights
 from colormae_jax.errors import ConfigError
 
 
 def validate(config, num_devices: int | None = None, check_data: bool = True) -> None:
     """Refuses a bad evaluation config (kNN, linear probe, fine-tuning) before compiling."""
     config_lib.validate_eval(config, num_devices, check_data)
+
+
+POS_EMBED_RESIZE = ('interpolate', 'recompute')
+
+
+def pos_embed_resize(config) -> str:
+    """``config.model.pos_embed_resize`` ('interpolate', the default, as MAE's fine-tuning and linear probe)."""
+    model_cfg = config.get('model')
+    return model_cfg.get('pos_embed_resize', 'interpolate') if model_cfg is not None else 'interpolate'
+
+
+def resize_encoder(params: dict, c: model_lib.MAEConfig, image_size: int,
+                   method: str) -> tuple[dict, model_lib.MAEConfig]:
+    """Pre-trained MAE params and their MAEConfig -> the same encoder at ``image_size``.
+
+    'interpolate': ``params['encoder']['pos_embed']`` becomes MAE's ``interpolate_pos_embed`` (bicubic) of the
+    source grid's table: the encoder's own learned table if it has one, else the fixed sin-cos table of the
+    source grid. 'recompute': no table is given, so the encoder uses the sin-cos table of the new grid (a
+    fine-tuning classifier learns from it). The other parameters do not depend on the image size.
+    """
+    if method not in POS_EMBED_RESIZE:
+        raise ConfigError('model.pos_embed_resize', f'{method!r}; valid: {POS_EMBED_RESIZE}')
+    new = dataclasses.replace(c, image_size=image_size)
+    enc = dict(params['encoder'])
+    source = enc.pop('pos_embed', None)
+    if source is None:
+        source = model_lib.sincos_table_with_cls(c.grid, c.width)
+    if method == 'interpolate':
+        enc['pos_embed'] = jnp.asarray(posembed.pos_table(new.grid, c.width, np.asarray(source), method))
+    return {**params, 'encoder': enc}, new
+
+
+def encoder_graph(c: model_lib.MAEConfig, enc_params: dict) -> nnx.GraphDef:
+    """The graph of a :class:`model.ViTEncoder` for ``enc_params`` (with a position table parameter if they
+    hold one: an encoder resized by interpolation)."""
+    learn = 'pos_embed' in enc_params
+    return nnx.split(nnx.eval_shape(lambda: model_lib.ViTEncoder(c, learn_pos_embed=learn, rngs=nnx.Rngs(0))))[0]
+
+
+def make_feature_fn(c: model_lib.MAEConfig, enc_params: dict, data_cfg, mesh) -> Callable:
+    """``knn.make_feature_fn`` for ``enc_params`` that may hold a position table (:func:`encoder_graph`)."""
+    if 'pos_embed' not in enc_params:
+        return knn.make_feature_fn(c, data_cfg, mesh)
+    graphdef = encoder_graph(c, enc_params)
+
+    def features(p, images):
+        x = data.model_input(images, data_cfg)
+        return model_lib.pooled_features(nnx.merge(graphdef, p)(x.astype(c.dtype)))
+
+    return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
 
 
 def run_evaluation(config, workdir: str, body: Callable, *, devices=None, stop_after: int | None = None,
@@ -35,9 +88,18 @@ def run_evaluation(config, workdir: str, body: Callable, *, devices=None, stop_a
     (process 0)."""
     validate(config, num_devices=len(devices) if devices is not None else None)
     params, c, desc = weights.load_pretrained(config.init_from)
-    if c.image_size != config.data.image_size:
-        raise ConfigError('data.image_size', f'{config.data.image_size}, but the encoder of {desc} was built for '
-                                             f'{c.image_size}')
+    size, method = config.data.image_size, pos_embed_resize(config)
+    if size != c.image_size:
+        if size % c.patch:
+            raise ConfigError('data.image_size', f'{size} is not a multiple of the patch size {c.patch} of the '
+                                                 f'encoder of {desc}; use e.g. {size - size % c.patch or c.patch}')
+        if config.task == 'knn' and method == 'interpolate':
+            raise ConfigError('model.pos_embed_resize', f"'interpolate' at another image size ({c.image_size} -> "
+                                                        f"{size}) is for linear_probe and finetune; kNN runs the "
+                                                        f"fixed sin-cos table: set it to 'recompute'")
+        logging.info('Image size %d -> %d (patch grid %d -> %d): position table by %s.', c.image_size, size,
+                     c.grid, size // c.patch, method)
+        params, c = resize_encoder(params, c, size, method)
     logging.info('Evaluating (%s) the encoder of %s.', config.task, desc)
     mesh = parallel.make_mesh(config.mesh, devices)
     parallel.global_batch_check(config.batch_size, mesh)
@@ -93,21 +155,45 @@ class ClassifierTask:
     def init_state(self):
         return jax.jit(self._new_state, out_shardings=self.state_sharding)(*self.init_vars())
 
-    def _train_step(self, state, batch, aux):
-        rng = loop.step_rng(self.config.seed, state['step'])
+    def _micro_step(self, params, stats, aux, batch, rng):
+        """(loss, grads, stats, correct predictions) of one (micro-)batch."""
         if self.batch_transform is not None:
             batch = self.batch_transform(jax.random.fold_in(rng, 1), batch)
 
-        def loss(params):
-            logits, stats = self.forward(params, state['stats'], aux, batch, jax.random.fold_in(rng, 2), True)
-            return self.loss_fn(logits, batch), (stats, logits)
+        def loss(p):
+            logits, new_stats = self.forward(p, stats, aux, batch, jax.random.fold_in(rng, 2), True)
+            return self.loss_fn(logits, batch), (new_stats, logits)
 
-        (loss_value, (stats, logits)), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
+        (loss_value, (new_stats, logits)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        hits = jnp.sum(logits.argmax(-1) == batch['label']) if 'label' in batch and batch['label'].ndim == 1 else 0
+        return loss_value, grads, new_stats, hits
+
+    def _train_step(self, state, batch, aux):
+        rng = loop.step_rng(self.config.seed, state['step'])
+        k = self.config.get('grad_accum_steps', 1)
+        if k == 1:
+            loss_value, grads, stats, hits = self._micro_step(state['params'], state['stats'], aux, batch, rng)
+        else:  # k micro-batches in a scan, micro-batch i with the keys of fold_in(rng, i); BatchNorm statistics
+            # move once per micro-batch, as PyTorch's accumulation (MAE's --accum_iter) moves them
+            bs = parallel.batch_sharding(self.mesh)
+
+            def body(carry, xs):
+                loss_sum, grad_sum, stats, hits = carry
+                i, micro = xs
+                micro = jax.lax.with_sharding_constraint(micro, bs)
+                lv, g, stats, h = self._micro_step(state['params'], stats, aux, micro, jax.random.fold_in(rng, i))
+                return (loss_sum + lv, jax.tree.map(jnp.add, grad_sum, g), stats, hits + h), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state['params']), state['stats'],
+                     jnp.zeros((), jnp.int32))
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+            (loss_value, grads, stats, hits), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+            loss_value, grads = jax.tree.map(lambda x: x / k, (loss_value, grads))
         updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
         params = optax.apply_updates(state['params'], updates)
         m = {'loss': loss_value, 'lr': self.schedule(state['step']), 'grad_norm': optax.tree.norm(grads)}
         if 'label' in batch and batch['label'].ndim == 1:
-            m['train_top1'] = 100.0 * jnp.mean(logits.argmax(-1) == batch['label'])
+            m['train_top1'] = 100.0 * hits / batch['label'].shape[0]
         return {'step': state['step'] + 1, 'params': params, 'stats': stats, 'opt_state': opt_state}, m
 
     def _eval_step(self, state, batch, aux):

@@ -27,6 +27,10 @@ def finetune(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, s
              deadline=None) -> dict:
     f = config.finetune
     bs = config.batch_size
+    if 'pos_embed' in params['encoder'] and not f.learn_pos_embed:
+        raise ConfigError('finetune.learn_pos_embed', "False keeps the fixed sin-cos table, which cannot hold the "
+                                                      "table interpolated for this image size; set it True, or "
+                                                      "model.pos_embed_resize='recompute'")
     graphdef, init_params, stats = classifier.split_classifier(
         classifier.Classifier(c, config.num_classes, pool=f.pool, drop_path_rate=f.drop_path,
                              learn_pos_embed=f.learn_pos_embed, rngs=nnx.Rngs(config.seed)))

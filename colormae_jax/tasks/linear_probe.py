@@ -77,7 +77,7 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
     init_vars = lambda: _probe_vars(dim, config.num_classes, config.seed)[1:]  # noqa: E731
     out = {}
     if mode == 'fast':
-        feature_fn = knn.make_feature_fn(c, config.data, mesh)
+        feature_fn = evaluation.make_feature_fn(c, enc_params, config.data, mesh)
         tr = knn.extract(feature_fn, enc_params, config.data, split=config.data.split, batch_size=bs, mesh=mesh,
                          limit=config.probe.max_train)
         te = knn.extract(feature_fn, enc_params, config.data, split=config.data.eval_split, batch_size=bs, mesh=mesh,
@@ -104,7 +104,7 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
         make_iterator = functools.partial(data.make_train_iterator, config.data, global_batch_size=bs,
                                           seed=config.seed, process_index=jax.process_index(),
                                           process_count=jax.process_count())
-        enc_graph = knn.encoder_graph(c)
+        enc_graph = evaluation.encoder_graph(c, enc_params)
 
         def eval_batches():
             return data.make_eval_iterator(config.data, split=config.data.eval_split, global_batch_size=bs,

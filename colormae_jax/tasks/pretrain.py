@@ -26,12 +26,14 @@ from colormae_jax import (
     config_lib,
     data,
     datasets,
+    device_data,
     knn,
     loop,
     masking,
     model as model_lib,
     optim,
     parallel,
+    viz,
     weights,
 )
 from colormae_jax.errors import ConfigError
@@ -100,16 +102,42 @@ def init_state(t: Trainer, params: Any = None) -> dict:
 
 # ------------------------------------------------------------------------------ the step
 
-def train_step(state: dict, batch: Batch, aux: Any, *, t: Trainer, strategy: masking.Strategy):
-    rng = loop.step_rng(t.config.seed, state['step'])
-    images = data.model_input(batch['image'], t.config.data)
-    part = strategy(jax.random.fold_in(rng, 0), batch, aux)
+def micro_batches(batch: Batch, k: int) -> Batch:
+    """[B, ...] -> [k, B/k, ...], micro-batch i holding rows i, i+k, i+2k, ...: with B split evenly over
+    the devices (and B/devices divisible by k), every micro-batch is split evenly too, nothing moves."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
-    def loss_fn(params):
-        loss, _ = nnx.merge(t.graphdef, params)(images, part)
+
+def loss_and_grads(params, batch: Batch, aux: Any, mask_key: jax.Array, *, t: Trainer, strategy: masking.Strategy):
+    """(loss, grads) of one (micro-)batch, masked by ``strategy`` with ``mask_key``."""
+    images = data.model_input(batch['image'], t.config.data)
+    part = strategy(mask_key, batch, aux)
+
+    def loss_fn(p):
+        loss, _ = nnx.merge(t.graphdef, p)(images, part)
         return loss
 
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    return jax.value_and_grad(loss_fn)(params)
+
+
+def train_step(state: dict, batch: Batch, aux: Any, *, t: Trainer, strategy: masking.Strategy):
+    rng = loop.step_rng(t.config.seed, state['step'])
+    mask_key = jax.random.fold_in(rng, 0)
+    k = t.config.get('grad_accum_steps', 1)
+    if k == 1:
+        loss, grads = loss_and_grads(state['params'], batch, aux, mask_key, t=t, strategy=strategy)
+    else:  # k micro-batches in a scan (one in memory at a time); micro-batch i masked with fold_in(mask_key, i)
+        bs = parallel.batch_sharding(t.mesh)
+
+        def body(acc, xs):
+            i, micro = xs
+            micro = jax.lax.with_sharding_constraint(micro, bs)
+            out = loss_and_grads(state['params'], micro, aux, jax.random.fold_in(mask_key, i), t=t, strategy=strategy)
+            return jax.tree.map(jnp.add, acc, out), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state['params']))
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro_batches(batch, k)))
+        loss, grads = jax.tree.map(lambda x: x / k, total)  # the mean over the micro-batches
     updates, opt_state = t.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     out = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
@@ -126,9 +154,11 @@ def compile_step(t: Trainer, strategy: masking.Strategy, aux_sharding: Any) -> C
                    donate_argnums=(0,))
 
 
-def reconstruct(params, batch: Batch, aux: Any, step: jax.Array, *, t: Trainer, strategy: masking.Strategy):
+def reconstruct(params, batch: Batch, aux: Any, step: jax.Array, *, t: Trainer, strategy: masking.Strategy,
+                with_mask: bool = False):
     """Pictures for TensorBoard: input | visible patches | reconstruction (visible patches pasted, masked
-    ones predicted, thrown ones blank: the mean colour)."""
+    ones predicted, thrown ones blank: the mean colour); ``with_mask``: also the mask [B, N] (0 visible,
+    1 masked, -1 thrown), for :func:`viz.reconstruction_grid`."""
     images = data.model_input(batch['image'], t.config.data)
     part = strategy(jax.random.fold_in(loop.step_rng(t.config.seed, step), 0), batch, aux)
     _, pred = nnx.merge(t.graphdef, params)(images, part)
@@ -147,9 +177,10 @@ def reconstruct(params, batch: Batch, aux: Any, step: jax.Array, *, t: Trainer, 
 
     def to_img(p):
         x = model_lib.unpatchify(p, c.patch) * std + mean
-        return jnp.clip(x * 255.0, 0, 255).astype(jnp.uint8)
+        return jnp.clip(jnp.round(x * 255.0), 0, 255).astype(jnp.uint8)  # rounded: uint8 inputs come back exactly
 
-    return jnp.concatenate([to_img(patches), to_img(hidden), to_img(recon)], axis=2)  # side by side
+    strip = jnp.concatenate([to_img(patches), to_img(hidden), to_img(recon)], axis=2)  # side by side
+    return (strip, masking.masked_map(part, c.num_patches)) if with_mask else strip
 
 
 
@@ -213,16 +244,21 @@ class MaskPhases:
         return max(i for i, s in enumerate(self.starts) if s <= step)
 
     def get(self, i: int) -> tuple[masking.Strategy, Any, Callable, Callable]:
-        """(strategy, aux, step_fn, recon_fn) of phase ``i``."""
+        """(strategy, aux, step_fn, recon_fn) of phase ``i``; ``aux`` is the host state's
+        ``step_aux()`` when it has one (e.g. FAMT's device weight table, new after each update)."""
         t, strategy = self.t, self.strategies[i]
+        state = self.states.get(strategy.name)
+        host_aux = None if state is None else state.step_aux()
         if strategy not in self._built:  # a strategy that comes back reuses its bank and its compiled step
             rep = parallel.replicated(t.mesh)
             key = jax.random.fold_in(jax.random.PRNGKey(t.config.seed + 1), self.strategies.index(strategy))
-            aux = jax.device_put(strategy.init_aux(key), rep)
+            aux = jax.device_put(strategy.init_aux(key), rep) if host_aux is None else host_aux
             step_fn = compile_step(t, strategy, jax.tree.map(lambda _: rep, aux))
-            recon_fn = jax.jit(functools.partial(reconstruct, t=t, strategy=strategy), out_shardings=rep)
-            self._built[strategy] = (strategy, aux, step_fn, recon_fn)
-        return self._built[strategy]
+            recon_fn = jax.jit(functools.partial(reconstruct, t=t, strategy=strategy, with_mask=True),
+                               out_shardings=rep)
+            self._built[strategy] = (strategy, None if host_aux is not None else aux, step_fn, recon_fn)
+        built = self._built[strategy]
+        return built if host_aux is None else (strategy, host_aux, *built[2:])
 
 
 class PretrainTask:
@@ -261,14 +297,18 @@ class PretrainTask:
     def step(self, step0: int, state, batch):
         strategy, aux, step_fn, recon_fn = self._current(step0)
         if self.img_every and step0 % self.img_every == 0:
-            pics = recon_fn(state['params'], batch, aux, jnp.asarray(step0, jnp.int32))
-            self._pics = (step0, np.asarray(pics[:self.t.config.image_summary_count]))
+            pics, mask = recon_fn(state['params'], batch, aux, jnp.asarray(step0, jnp.int32))
+            n = self.t.config.image_summary_count
+            self._pics = (step0, strategy.name, np.asarray(pics[:n]), np.asarray(mask[:n]))
         return step_fn(state, batch, aux)
 
     def after_step(self, step: int, state, writer) -> None:
         pics = getattr(self, '_pics', None)
         if pics is not None:
-            writer.write_images(pics[0], {'masks/input_masked_reconstruction': pics[1]})
+            step_pics, name, strip, mask = pics
+            inputs, _, recons = np.split(strip, 3, axis=2)
+            writer.write_images(step_pics, {'masks/input_mask_reconstruction': viz.reconstruction_grid(
+                inputs, mask, recons, self.t.mae.patch, strategy=name)})
             self._pics = None
         knn_cfg = self.t.config.knn
         every = max(1, int(round(knn_cfg.every_epochs * self.steps_per_epoch))) if knn_cfg.every_epochs else 0
@@ -312,8 +352,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | 
                                         f'({datasets.num_examples(config.data)} examples)')
     t = make_trainer(config, mesh, spe)
     task = PretrainTask(t, workdir)
-    it = data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+    if config.data.get('pipeline', 'grain') == 'device':  # the split resident on the mesh, cropped there
+        it = device_data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                             mesh=mesh)
+    else:
+        it = data.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
 
     def init_fn():
         if not config.init_from:

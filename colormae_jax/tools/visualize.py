@@ -1,0 +1,136 @@
+"""Masks, reconstructions and FAMT's maps of a pre-trained MAE on any images, as one PNG grid.
+
+  # your own images (files and folders) with a training run's newest checkpoint:
+  python -m colormae_jax.tools.visualize /tmp/mae_ti4 cat.jpg photos/ --out grid.png
+  # 4 images of a configured split, chosen masks, a given step (or WORKDIR/checkpoints/STEP):
+  python -m colormae_jax.tools.visualize /tmp/mae_ti4 --config configs/cifar10.py --split test --num 4 \\
+      --strategies random,green,blue,famt --step 2000 --out grid.png
+
+SOURCE is anything ``colormae_jax.weights.load_any_params`` reads: a training workdir,
+WORKDIR/checkpoints/STEP, a ``tools.convert import`` folder, a ``.pth`` / ``.safetensors`` file or a
+Hugging Face ``save_pretrained`` folder. One row per image: the input; for each strategy (``NAME[:MASK[/THROW]]``)
+the mask (light visible, dark masked, red thrown) and the reconstruction (visible patches pasted
+back, norm-pix undone with each patch's own mean and variance); for FAMT also the [CLS]
+attention, frequency and fused maps, a training crop and flip, and the map aligned to it.
+Python: :mod:`colormae_jax.api` (docs/api.md).
+
+A task=segment run's workdir (or WORKDIR/checkpoints/STEP) is recognised by its saved config
+(task == 'segment'): one row per image, the image, the true label map over it and the predicted
+one (the evaluation's sliding windows and its TensorBoard picture's colours). --split (and --num,
+default 8) takes the first images of a split of the run's own data (--config: another data
+section), with their labels; image files and folders get the predicted map only. --strategies,
+--view and --seed do not apply.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from typing import Any, Sequence
+
+from colormae_jax import api, viz
+from colormae_jax.checkpoint import CheckpointError
+from colormae_jax.errors import ConfigError, DataError
+
+
+def _load_config_file(spec: str) -> Any:
+    """'configs/cifar10.py:smoke' -> that file's get_config('smoke')."""
+    path, _, arg = spec.partition(':')
+    if not os.path.isfile(path):
+        raise DataError(f'--config {spec}: {path} is not a file; give a config such as configs/cifar10.py')
+    module_spec = importlib.util.spec_from_file_location(f'_visualize_config_{abs(hash(path))}', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def run_segment(args: argparse.Namespace, config: Any) -> str:
+    seg = api.load_segmenter(args.source, args.step)
+    if args.images:
+        examples = api.seg_examples(seg, images=args.images, num=args.num)
+    else:
+        examples = api.seg_examples(seg, data_cfg=config.data if config is not None else None, split=args.split,
+                                    num=args.num or 8)
+    if not examples:
+        raise DataError(f'--split {args.split}: no images')
+    rows, titles, _ = api.seg_panels(seg, examples, max_side=args.max_side)
+    scale = args.scale or viz.auto_scale(max(rows[0][0].shape[:2]))
+    picture = viz.grid(rows, titles, scale=scale, footer=viz.label_legend(seg.num_classes))
+    out = viz.save_png(args.out, picture)
+    h, w = picture.shape[:2]
+    print(f'Read {seg.description}.\nWrote {out}: {len(rows)} rows ({", ".join(e[0] for e in examples)}) x '
+          f'{len(titles)} columns ({", ".join(titles)}), {w}x{h} pixels.')
+    return out
+
+
+def run(args: argparse.Namespace) -> str:
+    config = _load_config_file(args.config) if args.config else None
+    found = api.run_config(args.source, args.step) if os.path.isdir(args.source) else None
+    if found is not None and found[2].get('task') == 'segment':
+        return run_segment(args, config)
+    if not args.images and config is None:
+        raise DataError('no images: give image files or folders after SOURCE, or --config (with --split and --num) '
+                        'for examples of a configured split')
+    data_cfg = config.data if config is not None else None
+    kw = {'mean': tuple(data_cfg.mean), 'std': tuple(data_cfg.std)} if data_cfg is not None else {}
+    pre = api.load(args.source, args.step, **kw)
+    size = pre.config.image_size
+    if args.images:
+        images, names = api.load_images(args.images, size, num=args.num, view=args.view)
+    else:
+        images, names = api.split_images(data_cfg, split=args.split, num=args.num or 8, size=size, view=args.view)
+    strategies = [s for s in args.strategies.split(',') if s.strip()]
+    for s in strategies:  # refuse a bad name before any work
+        try:
+            api.parse_strategy(s)
+        except DataError as e:
+            raise DataError(f'--strategies: {e}') from None
+    picture = api.grid(pre, images, strategies, seed=args.seed, scale=args.scale,
+                       mask_cfg=config.mask if config is not None else None)
+    out = viz.save_png(args.out, picture)
+    print(f'Read {pre.description}.\nWrote {out}: {len(names)} rows ({", ".join(names)}) x '
+          f'{1 + 2 * len(strategies) + 5 * sum(api.parse_strategy(s)[0] == "famt" for s in strategies)} columns, '
+          f'{picture.shape[1]}x{picture.shape[0]} pixels.')
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    paragraphs = __doc__.split('\n\n')
+    p = argparse.ArgumentParser(prog='python -m colormae_jax.tools.visualize',
+                                description='\n\n'.join(paragraphs[:2] + paragraphs[-1:]).replace('``', ''),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('source', help='a training workdir, WORKDIR/checkpoints/STEP, a tools.convert import folder, '
+                                  'a .pth / .safetensors file or a Hugging Face save_pretrained folder; a '
+                                  'task=segment run (found from its saved config) draws label maps')
+    p.add_argument('images', nargs='*', help='image files or folders (.jpg, .jpeg, .png)')
+    p.add_argument('--out', default='visualize.png', help='the PNG to write (default: visualize.png)')
+    p.add_argument('--strategies', default=','.join(api.STRATEGIES),
+                   help='comma-separated NAME[:MASK[/THROW]] (default: all six; famt defaults to 0.45/0.40)')
+    p.add_argument('--config', help='a config, e.g. configs/cifar10.py: its data (for --split; mean, std) and '
+                                    'mask settings (noise banks, FAMT fusion)')
+    p.add_argument('--split', help="with --config and no images: the split (default: the config's eval_split); "
+                                   "for a segmentation run --config may be left out (the run's own data)")
+    p.add_argument('--num', type=int, default=0, help='at most this many images (split default: 8)')
+    p.add_argument('--step', type=int, help='the training step (default: the newest)')
+    p.add_argument('--view', choices=('resize', 'center_crop'), default='resize',
+                   help='each image resized whole (default) or resized and centre-cropped')
+    p.add_argument('--seed', type=int, default=0, help='masks and crops are functions of it')
+    p.add_argument('--scale', type=int, help='integer upscaling of each panel (default: to about 128 pixels)')
+    p.add_argument('--max_side', type=int, default=256,
+                   help='segmentation: images longer than this are drawn downscaled (default: 256 pixels)')
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (DataError, ConfigError, CheckpointError) as e:
+        print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
