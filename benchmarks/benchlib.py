@@ -11,9 +11,10 @@ import time
 import numpy as np
 
 
-def time_step(config, *, steps: int, warmup: int, repeats: int, mesh=None) -> dict:
-    """Times the jitted pre-training step of ``config`` on a synthetic uint8 batch (with crop
-    boxes and, for FAMT, random weights, so every strategy runs its real path)."""
+def make_step(config, mesh=None):
+    """(trainer, strategy, jitted step, state, synthetic uint8 batch, aux) for ``config``: the batch
+    has crop boxes and, for FAMT, random weights, so every strategy runs its real path. The
+    model's forms are fixed when the step is first traced."""
     import jax
 
     from colormae_jax import masking, parallel
@@ -34,6 +35,15 @@ def time_step(config, *, steps: int, warmup: int, repeats: int, mesh=None) -> di
     if isinstance(strategy, famt.FAMTMasking):
         batch[famt.WEIGHT_KEY] = rng.random((n, g * g)).astype(np.float32)
     batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+    return t, strategy, step, state, batch, aux
+
+
+def time_step(config, *, steps: int, warmup: int, repeats: int, mesh=None) -> dict:
+    """Times the jitted pre-training step of ``config`` on a synthetic uint8 batch (see :func:`make_step`)."""
+    import jax
+
+    t, strategy, step, state, batch, aux = make_step(config, mesh)
+    n = config.batch_size
     t0 = time.perf_counter()
     for _ in range(warmup):
         state, m = step(state, batch, aux)

@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
         decoder=ml_collections.ConfigDict(dict(width=512, depth=8, heads=16)),
         norm_pix_loss=True,
         compute_dtype='float32',    # 'bfloat16' computes in bf16; params stay float32
-        attn_impl='auto',           # 'auto' | 'xla' | 'cudnn' (jax.nn.dot_product_attention) | 'einsum'
+        # 'auto' | 'xla' | 'cudnn' (jax.nn.dot_product_attention) | 'einsum' | 'cpu' (the XLA:CPU forms)
+        attn_impl='auto',
         remat=False,                # recompute each block in the backward pass (less memory, more FLOPs)
     ))
 

@@ -11,6 +11,7 @@ classification heads on the encoder are in :mod:`colormae_jax.classifier`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -90,13 +91,103 @@ def _xavier():
     return nnx.initializers.xavier_uniform()
 
 
-def dense_tokens(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+# ----------------------------------------------------------------------- forms for XLA:CPU
+# With ``attn_impl='auto'`` on the CPU backend (or ``'cpu'`` on any), the layers run the same
+# maths in forms that XLA:CPU executes faster: each has a written-out backward (``jax.custom_vjp``)
+# that avoids the slow operand layouts. Parameters, their tree and their values are the same; the
+# results equal the plain forms to float rounding (tests/test_fast_forms.py). ``CPU_FORMS`` names
+# the forms in use; benchmarks/cpu_forms.py switches them one at a time (benchmarks/NOTES.md).
+CPU_FORM_NAMES = ('attention', 'layernorm', 'dense')
+# 'dense' (a written-out Linear backward) showed no consistent gain on the 2-core VM: opt-in.
+CPU_FORMS = frozenset({'attention', 'layernorm'})
+
+
+def cpu_forms(impl: str | None) -> frozenset:
+    """The CPU forms in use for a model with ``attn_impl=impl`` (read at trace time)."""
+    if impl == 'cpu' or (impl == 'auto' and jax.default_backend() == 'cpu'):
+        return CPU_FORMS
+    return frozenset()
+
+
+@jax.custom_vjp
+def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ()))) + bias
+
+
+def _dense_fwd(x, kernel, bias):
+    return _dense(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+    x, kernel = res
+    # dy @ kernel.T with the transpose materialised (a small array): XLA:CPU would otherwise fold
+    # it into the product, which then runs markedly slower.
+    kernel_t = jax.lax.optimization_barrier(kernel.T)
+    return dy @ kernel_t, x.T @ dy, dy.sum(0)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense_tokens(layer: nnx.Linear, x: jax.Array, impl: str | None = None) -> jax.Array:
     """Applies a Linear to [B, N, D] as one [B*N, D] matrix product. XLA:CPU runs the
-    2-D form (and its weight gradient) markedly faster; on GPU/TPU it is the same op."""
-    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    2-D form (and its weight gradient) markedly faster; on GPU/TPU it is the same op.
+    With the 'dense' CPU form (see :func:`cpu_forms`), the product has a written-out backward."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if 'dense' in cpu_forms(impl) and layer.bias is not None:
+        x2, kernel, bias = layer.promote_dtype((x2, layer.kernel[...], layer.bias[...]), dtype=layer.dtype)
+        y = _dense(x2, kernel, bias)
+    else:
+        y = layer(x2)
+    return y.reshape(*x.shape[:-1], -1)
 
 
-ATTN_IMPLS = ('auto', 'xla', 'cudnn', 'einsum')
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    # flax's statistics (in float32, the "fast variance" E[x^2] - E[x]^2 clipped at 0) and its
+    # order of operations, so the forward is nnx.LayerNorm's.
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(x32 * x32, -1, keepdims=True) - mean * mean)
+    rstd = jax.lax.rsqrt(var + eps)
+    y = (x - mean) * (rstd * scale) + bias
+    return y.astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+    del eps
+    x, mean, rstd, scale = res
+    xhat = (x - mean) * rstd
+    g32 = g.astype(xhat.dtype)
+    gs = g32 * scale
+    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+    red = tuple(range(g.ndim - 1))
+    return dx.astype(x.dtype), (g32 * xhat).sum(red), g32.sum(red)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` over the last axis (the same parameters ``scale`` and ``bias``); with
+    the 'layernorm' CPU form, its backward is written out (one fused pass on XLA:CPU)."""
+
+    def __init__(self, dim: int, *, epsilon: float, dtype, rngs: nnx.Rngs, impl: str | None = None):
+        super().__init__(dim, epsilon=epsilon, dtype=dtype, rngs=rngs)
+        self.impl = impl
+
+    def __call__(self, x, *, mask=None):
+        if mask is not None or 'layernorm' not in cpu_forms(self.impl):
+            return super().__call__(x, mask=mask)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        return _layer_norm(x, scale, bias, self.epsilon)
+
+
+ATTN_IMPLS = ('auto', 'xla', 'cudnn', 'einsum', 'cpu')
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax.Array:
@@ -104,17 +195,54 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax
 
     'xla', 'cudnn': ``jax.nn.dot_product_attention`` ('cudnn' is the fused flash kernel on
     NVIDIA GPUs). 'einsum': the same maths with the heads next to the batch, which XLA:CPU
-    runs faster (10% of a ViT-Ti/4 CIFAR step). 'auto': 'einsum' on the CPU, elsewhere
+    runs faster (10% of a ViT-Ti/4 CIFAR step). 'cpu': with the 'attention' CPU form
+    (:func:`cpu_forms`), the heads folded into the batch and a written-out backward
+    (:func:`_attention_core`), else 'einsum'. 'auto': 'cpu' on the CPU, elsewhere
     ``jax.nn.dot_product_attention`` choosing for itself.
     """
     if impl == 'auto':
-        impl = 'einsum' if jax.default_backend() == 'cpu' else None
-    if impl != 'einsum':
+        impl = 'cpu' if jax.default_backend() == 'cpu' else None
+    if impl == 'cpu' and 'attention' in cpu_forms(impl):
+        b, n, h, d = q.shape
+        q = q * np.asarray(1.0 / np.sqrt(d), q.dtype)
+        q, k, v = (t.transpose(0, 2, 1, 3).reshape(b * h, n, d) for t in (q, k, v))
+        return _attention_core(q, k, v).reshape(b, h, n, d).transpose(0, 2, 1, 3)
+    if impl not in ('einsum', 'cpu'):
         return jax.nn.dot_product_attention(q, k, v, implementation=impl)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum('bhqk,bhkd->bhqd', probs, v).transpose(0, 2, 1, 3)
+
+
+def _bmm(a: jax.Array, b: jax.Array, ca: int, cb: int) -> jax.Array:
+    """Batched product over the leading axis, contracting axis ``ca`` of ``a`` with ``cb`` of ``b``."""
+    return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((0,), (0,))))
+
+
+@jax.custom_vjp
+def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T) v on [batch*heads, N, dim] (q already scaled), float32 softmax."""
+    return _attention_core_fwd(q, k, v)[0]
+
+
+def _attention_core_fwd(q, k, v):
+    p = jax.nn.softmax(_bmm(q, k, 2, 2).astype(jnp.float32), axis=-1).astype(v.dtype)
+    o = _bmm(p, v, 2, 1)
+    return o, (q, k, v, p, o)
+
+
+def _attention_core_bwd(res, do):
+    # The softmax backward through delta = rowsum(do * o) (as flash attention), which spares the
+    # [N, N] product p * dp of autodiff; ds then feeds the three products directly.
+    q, k, v, p, o = res
+    dp = _bmm(do, v, 2, 2).astype(jnp.float32)
+    delta = jnp.sum((do * o).astype(jnp.float32), -1, keepdims=True)
+    ds = (p.astype(jnp.float32) * (dp - delta)).astype(q.dtype)
+    return _bmm(ds, k, 2, 1), _bmm(ds, q, 1, 1), _bmm(p, do, 1, 1)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Attention(nnx.Module):
@@ -128,9 +256,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
-        q, k, v = jnp.split(dense_tokens(self.qkv, x).reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
+        qkv = dense_tokens(self.qkv, x, self.attn_impl).reshape(b, n, 3, self.heads, d // self.heads)
+        q, k, v = jnp.split(qkv, 3, axis=2)
         y = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attn_impl)
-        return dense_tokens(self.proj, y.reshape(b, n, d))
+        return dense_tokens(self.proj, y.reshape(b, n, d), self.attn_impl)
 
     def cls_attention(self, x: jax.Array) -> jax.Array:
         """[CLS]-to-patch attention probabilities [B, heads, N-1] (for attention-guided masking)."""
@@ -162,12 +291,13 @@ def _gelu_jvp(primals, tangents):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, impl: str | None = None):
+        self.impl = impl
         self.fc1 = nnx.Linear(dim, hidden, kernel_init=_xavier(), dtype=dtype, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, dim, kernel_init=_xavier(), dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return dense_tokens(self.fc2, gelu(dense_tokens(self.fc1, x)))
+        return dense_tokens(self.fc2, gelu(dense_tokens(self.fc1, x, self.impl)), self.impl)
 
 
 def drop_path_rates(max_rate: float, depth: int) -> list[float]:
@@ -193,10 +323,10 @@ class Block(nnx.Module):
                  drop_path_rate: float = 0.0, eps: float = 1e-6):
         if not 0.0 <= drop_path_rate <= 1.0:
             raise ValueError(f'drop_path_rate={drop_path_rate} is not in [0, 1]')
-        self.norm1 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.norm1 = LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs, impl=attn_impl)
         self.attn = Attention(dim, heads, attn_impl=attn_impl, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(dim, mlp_dim, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs, impl=attn_impl)
+        self.mlp = Mlp(dim, mlp_dim, dtype=dtype, rngs=rngs, impl=attn_impl)
         self.drop_path = nnx.Dropout(float(drop_path_rate), broadcast_dims=(1, 2))
 
     @property
@@ -281,7 +411,7 @@ class ViTEncoder(nnx.Module):
         self.blocks = nnx.List([Block(c.width, c.heads, c.mlp_dim, attn_impl=c.attn_impl, dtype=c.dtype, rngs=rngs,
                                       drop_path_rate=rate, eps=c.ln_eps)
                                 for rate in drop_path_rates(drop_path_rate, c.depth)])
-        self.norm = nnx.LayerNorm(c.width, epsilon=c.ln_eps, dtype=c.dtype, rngs=rngs)
+        self.norm = LayerNorm(c.width, epsilon=c.ln_eps, dtype=c.dtype, rngs=rngs, impl=c.attn_impl)
 
     def embed(self, images: jax.Array, keep_idx: jax.Array | None) -> jax.Array:
         c = self.c
@@ -291,7 +421,7 @@ class ViTEncoder(nnx.Module):
         learned = getattr(self, 'pos_embed', None)
         table = jnp.asarray(sincos_2d(c.grid, c.width)) if learned is None else learned[...][0, 1:]
         pos = table[None] if keep_idx is None else table[keep_idx]
-        x = dense_tokens(self.patch_embed, patches) + pos.astype(c.dtype)
+        x = dense_tokens(self.patch_embed, patches, c.attn_impl) + pos.astype(c.dtype)
         cls = self.cls_token[...] if learned is None else self.cls_token[...] + learned[...][:, :1]
         cls = jnp.broadcast_to(cls.astype(c.dtype), (x.shape[0], 1, c.width))
         return jnp.concatenate([cls, x], axis=1)
@@ -332,7 +462,7 @@ class MAEDecoder(nnx.Module):
         self.blocks = nnx.List([
             Block(c.dec_width, c.dec_heads, c.dec_width * c.dec_mlp_ratio, attn_impl=c.attn_impl, dtype=c.dtype,
                   rngs=rngs, eps=c.ln_eps) for _ in range(c.dec_depth)])
-        self.norm = nnx.LayerNorm(c.dec_width, epsilon=c.ln_eps, dtype=c.dtype, rngs=rngs)
+        self.norm = LayerNorm(c.dec_width, epsilon=c.ln_eps, dtype=c.dtype, rngs=rngs, impl=c.attn_impl)
         self.pred = nnx.Linear(c.dec_width, c.patch_dim, kernel_init=_xavier(), dtype=c.dtype, rngs=rngs)
 
     def __call__(self, latent: jax.Array, visible_idx: jax.Array, masked_idx: jax.Array) -> jax.Array:
@@ -340,14 +470,14 @@ class MAEDecoder(nnx.Module):
         c = self.c
         b, m = masked_idx.shape
         pos = jnp.asarray(sincos_2d(c.grid, c.dec_width)).astype(c.dtype)
-        x = dense_tokens(self.embed, latent)
+        x = dense_tokens(self.embed, latent, c.attn_impl)
         x_vis = x[:, 1:] + pos[visible_idx]
         mask_tok = self.mask_token[...].astype(c.dtype) + pos[masked_idx]
         x = jnp.concatenate([x[:, :1], x_vis, jnp.broadcast_to(mask_tok, (b, m, c.dec_width))], axis=1)
         for block in self.blocks:
             x = run_block(block, x, None, c.remat)
         x = self.norm(x[:, -m:])  # only the mask-token slots are predicted
-        return dense_tokens(self.pred, x).astype(jnp.float32)
+        return dense_tokens(self.pred, x, c.attn_impl).astype(jnp.float32)
 
 
 class MAE(nnx.Module):
