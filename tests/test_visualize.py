@@ -1,4 +1,5 @@
 """The visualisation tool (tools/visualize.py), its pictures (viz.py) and the Python API (api.py)."""
+import dataclasses
 import os
 import re
 
@@ -90,6 +91,26 @@ def test_cli_reads_a_hugging_face_folder(sources, capsys):
     assert a.shape == (*viz.layout(2, 3, 128, 128, title_lines=2, footer=True).size, 3)
     np.testing.assert_array_equal(a, b)
 
+
+
+@pytest.mark.slow
+def test_cli_reads_a_pth_file(sources, tmp_path, capsys):
+    """A ``.pth`` in the official MAE layout (exported by ``tools.convert``) is read directly and gives
+    the picture of the same params read from an import folder. Its model must follow from the shapes:
+    the mu encoder (heads from the variant table) and MAE's 512 x 8 decoder (16 heads)."""
+    pytest.importorskip('torch')
+    from colormae_jax.tools import convert
+    c = dataclasses.replace(sources['config'], dec_width=512, dec_depth=8, dec_heads=16)
+    params = jax.jit(lambda: M.init_mae_params(c, 3))()
+    weights.save_params(str(tmp_path / 'imported'), params, c)
+    pth = str(tmp_path / 'mae.pth')
+    assert convert.main(['export', str(tmp_path / 'imported'), pth, '--layout', 'mae', '--with_decoder']) == 0
+    outs = [str(tmp_path / f'{n}.png') for n in ('pth', 'imported')]
+    for src, out in zip((pth, str(tmp_path / 'imported')), outs):
+        assert visualize.main([src, sources['photos'], '--strategies', 'random,green', '--num', '2',
+                               '--out', out]) == 0
+    assert 'weights ' + pth in capsys.readouterr().out
+    np.testing.assert_array_equal(_read(outs[0]), _read(outs[1]))
 
 def test_visible_patches_are_the_input_pixels_and_mask_colours_count_right(sources):
     pre = api.load(sources['imported'])

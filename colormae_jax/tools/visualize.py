@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from absl import logging
+
 from colormae_jax import api, viz
 from colormae_jax.checkpoint import CheckpointError
 from colormae_jax.errors import ConfigError, DataError
@@ -124,11 +126,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax's and JAX's warnings are not the user's business here
     try:
         run(args)
     except (DataError, ConfigError, CheckpointError) as e:
         print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
         return 2
+    finally:
+        logging.set_verbosity(verbosity)
     return 0
 
 
