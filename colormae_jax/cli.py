@@ -22,7 +22,6 @@ the exit code:
 Anything else is a crash (1, with a traceback) or a signal (128 + N, e.g. 137 for ``kill -9``).
 """
 import difflib
-import importlib.util
 import json
 import os
 import re
@@ -33,7 +32,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from colormae_jax import checkpoint, distributed
+from colormae_jax import checkpoint, config_lib, distributed
 from colormae_jax.errors import ConfigError, DataError
 from colormae_jax.loop import NonFiniteMetrics
 
@@ -278,12 +277,8 @@ def _config_arg(argv) -> str | None:
 
 def _load_config(arg: str):
     """The config of ``--config=arg`` without the overrides, or None."""
-    path, *rest = arg.split(':', 1)  # as config_flags reads it: get_config(the text after the first ':')
     try:
-        spec = importlib.util.spec_from_file_location('_colormae_config_for_errors', path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        c = module.get_config(*rest)
+        c = config_lib.load_config_file(arg)
         return c if isinstance(c, ml_collections.ConfigDict) else None
     except Exception:  # noqa: BLE001 - only for the messages
         return None

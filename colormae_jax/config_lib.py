@@ -2,6 +2,7 @@
 task runs before anything is compiled (the defaults themselves: :mod:`colormae_jax.defaults`)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -10,6 +11,17 @@ import ml_collections
 from colormae_jax import masking, model, parallel
 from colormae_jax.errors import ConfigError
 
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``'configs/cifar10.py:smoke'`` -> that file's ``get_config('smoke')``, as ``config_flags`` reads
+    ``--config`` (the text after the first ':' is the argument). Raises FileNotFoundError for a missing file."""
+    path, sep, arg = spec.partition(':')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    module_spec = importlib.util.spec_from_file_location(f'_colormae_config_{abs(hash(path))}', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if sep else module.get_config()
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """``'mask=random,variant=Ti/4,smoke'`` -> ConfigDict, typed like ``defaults``.

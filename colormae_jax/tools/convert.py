@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 from typing import Any, Sequence
 
-from colormae_jax import checkpoint, interop, model as model_lib, weights
+from colormae_jax import checkpoint, config_lib, interop, model as model_lib, weights
 from colormae_jax.interop import (  # noqa: F401 - the Python API of this tool
     HF,
     LAYOUTS,
@@ -49,13 +48,10 @@ from colormae_jax.interop import (  # noqa: F401 - the Python API of this tool
 
 def _load_config_file(spec: str) -> Any:
     """'configs/imagenet.py:mask=random' -> that file's get_config('mask=random')."""
-    path, _, arg = spec.partition(':')
-    if not os.path.isfile(path):
-        raise ConversionError(f'--config {spec}: {path} is not a file')
-    module_spec = importlib.util.spec_from_file_location(f'_convert_config_{abs(hash(path))}', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    try:
+        return config_lib.load_config_file(spec)
+    except FileNotFoundError as e:
+        raise ConversionError(f'--config {spec}: {e} is not a file') from None
 
 
 def _given_fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,27 +24,23 @@ section), with their labels; image files and folders get the predicted map only.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from typing import Any, Sequence
 
 from absl import logging
 
-from colormae_jax import api, viz
+from colormae_jax import api, config_lib, viz
 from colormae_jax.checkpoint import CheckpointError
 from colormae_jax.errors import ConfigError, DataError
 
 
 def _load_config_file(spec: str) -> Any:
     """'configs/cifar10.py:smoke' -> that file's get_config('smoke')."""
-    path, _, arg = spec.partition(':')
-    if not os.path.isfile(path):
-        raise DataError(f'--config {spec}: {path} is not a file; give a config such as configs/cifar10.py')
-    module_spec = importlib.util.spec_from_file_location(f'_visualize_config_{abs(hash(path))}', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    try:
+        return config_lib.load_config_file(spec)
+    except FileNotFoundError as e:
+        raise DataError(f'--config {spec}: {e} is not a file; give a config such as configs/cifar10.py') from None
 
 
 def run_segment(args: argparse.Namespace, config: Any) -> str:
