@@ -143,9 +143,7 @@ def main(argv):
         print(f"input pipeline: {inp['img_per_s']} img/s ({inp['workers']} workers, batch {inp['batch']})")
     print(json.dumps(result))
     if _OUT.value:
-        os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-        with open(_OUT.value, 'w') as f:
-            json.dump(result, f, indent=1)
+        benchlib.write_json(_OUT.value, result)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,12 @@ import time
 import numpy as np
 
 
+def write_json(path: str, obj) -> None:
+    """Writes a benchmark's result to ``path`` (indented JSON), making its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=1)
+
 def make_step(config, mesh=None):
     """(trainer, strategy, jitted step, state, synthetic uint8 batch, aux) for ``config``: the batch
     has crop boxes and, for FAMT, random weights, so every strategy runs its real path. The

@@ -13,7 +13,6 @@ write-back of one save slows the next). Prints a table and writes JSON.
   python benchmarks/ckpt_verify.py --decoder --rounds 2
 """
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
 from colormae_jax import checkpoint, checksums, model as model_lib  # noqa: E402
 
+import benchlib  # noqa: E402
 import imagenet  # noqa: E402
 
 
@@ -119,9 +119,7 @@ def main():
           f'{first_fp:.2f} s); {result["fingerprints_share_of_sync_save"]:.1%} of a synchronous save, done once '
           f'at save and once at restore')
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(result, f, indent=1)
+        benchlib.write_json(args.out, result)
         print('wrote', args.out)
 
 

@@ -107,9 +107,7 @@ def main(argv):
         print(f"{'torch eager':<28}{tmed:>14.1f}{f'{min(torch_ips):.1f}-{max(torch_ips):.1f}':>16}")
     print(json.dumps(out))
     if _OUT.value:
-        os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-        with open(_OUT.value, 'w') as f:
-            json.dump(out, f, indent=1)
+        benchlib.write_json(_OUT.value, out)
 
 
 if __name__ == '__main__':

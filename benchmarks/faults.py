@@ -55,6 +55,8 @@ import warnings
 
 import numpy as np
 
+import benchlib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 40
 STOPPED_AT = 16  # the damage cases start from the reference cut back to this step
@@ -644,9 +646,7 @@ def main(argv=None) -> int:
               'machine': f'{platform.machine()}, {os.cpu_count()} CPUs', 'seconds': round(time.time() - t0, 1),
               'total_steps': TOTAL_STEPS, 'flags': bench.flags, 'rows': bench.rows, 'tries': bench.details}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(result, f, indent=1)
+        benchlib.write_json(args.out, result)
     return 0 if all(r['survived'] == r['tries'] and not r['data_lost'] for r in bench.rows) else 1
 
 
