@@ -204,6 +204,15 @@ def _read_options(data_cfg) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=n, prefetch_buffer_size=n)
 
 
+def check_fingerprint(state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Refuses a saved iterator state whose pipeline settings differ from ``fingerprint``'s."""
+    diff = {k: (state.get(k), v) for k, v in fingerprint.items() if state.get(k, v) != v}
+    if diff:
+        raise DataError('the saved data iterator state does not match this pipeline ('
+                        + ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in diff.items())
+                        + '); resume with the settings the checkpoint was written with')
+
+
 class TrainIterator(grain.DatasetIterator):
     """Iterator over a ``MapDataset`` of batches whose state is just the batch count.
 
@@ -243,11 +252,7 @@ class TrainIterator(grain.DatasetIterator):
         if 'step' not in state:
             raise DataError(f'iterator state {state} was not saved by colormae_jax.data.make_train_iterator; '
                             f'start without restoring the data state, or restore a checkpoint written by this code')
-        diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k, v) != v}
-        if diff:
-            raise DataError('the saved data iterator state does not match this pipeline ('
-                            + ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in diff.items())
-                            + '); resume with the settings the checkpoint was written with')
+        check_fingerprint(state, self._fingerprint)
         if self._it is not None:
             self._it.close()
             self._it = None

@@ -380,11 +380,7 @@ class DeviceTrainIterator(grain.DatasetIterator):
         if 'epoch' not in state or 'position' not in state:
             raise DataError(f"iterator state {state} was not saved by data.pipeline='device'; resume with the "
                             f'pipeline the checkpoint was written with (data.pipeline)')
-        diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k, v) != v}
-        if diff:
-            raise DataError('the saved data iterator state does not match this pipeline ('
-                            + ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in diff.items())
-                            + '); resume with the settings the checkpoint was written with')
+        data.check_fingerprint(state, self._fingerprint)
         self._epoch, self._pos = int(state['epoch']), int(state['position'])
 
     def start_prefetch(self) -> None:  # batches are dispatched asynchronously: nothing to start
