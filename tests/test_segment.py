@@ -16,6 +16,8 @@ from colormae_jax import cli, main, model as model_lib, seg_data, segmentation a
 from colormae_jax.errors import DataError
 from colormae_jax.tasks import segment
 
+from helpers import override
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
 import ade20k_seg  # noqa: E402
 
@@ -61,13 +63,7 @@ def smoke(root, data_dir, init_from, **over):
     c.data.root, c.data.data_dir, c.init_from = str(root), str(data_dir), str(init_from)
     c.seg.out_indices = (0, 1, 2, 3)
     c.ckpt.async_save = False
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, **over)
 
 
 @pytest.fixture(scope='module')
