@@ -43,3 +43,18 @@ def override(c, **over):
             node = node[p]
         node[leaf] = v
     return c
+
+
+def rel(a, b) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``b``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def assert_identical(a, b):
+    """Two param trees with the same paths and bitwise-equal leaves."""
+    from colormae_jax import interop
+    fa, fb = interop._flat(a), interop._flat(b)
+    assert fa.keys() == fb.keys()
+    for p in fa:
+        np.testing.assert_array_equal(np.asarray(fa[p]), np.asarray(fb[p]), err_msg=interop.path_str(p))

@@ -18,7 +18,7 @@ from colormae_jax import checkpoint, masking, model as M, weights  # noqa: E402
 from colormae_jax.tools import convert  # noqa: E402
 
 import torch_mae  # noqa: E402
-from helpers import cifar10  # noqa: E402
+from helpers import assert_identical, cifar10, rel  # noqa: E402
 
 C = M.MAEConfig(image_size=32, patch=4, width=32, depth=2, mlp_dim=128, heads=2, dec_width=32, dec_depth=1,
                 dec_heads=2, attn_impl='einsum')
@@ -45,18 +45,6 @@ def merge(params, c=C):
 
 def ours_random(seed=3):
     return nnx.to_pure_dict(nnx.split(M.MAE(C, rngs=nnx.Rngs(seed)))[1])
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def assert_identical(a, b):
-    fa, fb = convert._flat(a), convert._flat(b)
-    assert fa.keys() == fb.keys()
-    for p in fa:
-        np.testing.assert_array_equal(np.asarray(fa[p]), np.asarray(fb[p]), err_msg=convert.path_str(p))
 
 
 def nchw(images):

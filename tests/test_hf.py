@@ -20,6 +20,8 @@ from safetensors.numpy import save_file  # noqa: E402
 from colormae_jax import interop, masking, model as M, weights  # noqa: E402
 from colormae_jax.tools import convert  # noqa: E402
 
+from helpers import assert_identical, rel  # noqa: E402
+
 pytestmark = pytest.mark.slow  # transformers import + from_pretrained: ~50 s for the module
 B, GRID = 3, 8
 HF_CFG = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -80,21 +82,9 @@ def our_outputs(params, c, inputs):
     return float(loss), np.asarray(latent), np.asarray(pred)
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def assert_parity(ours, theirs):
     for name, a, b in zip(('loss', 'encoder output', 'predictions'), ours, theirs):
         assert rel(a, b) < 1e-5, (name, rel(a, b))
-
-
-def assert_identical(a, b):
-    fa, fb = interop._flat(a), interop._flat(b)
-    assert fa.keys() == fb.keys()
-    for p in fa:
-        np.testing.assert_array_equal(np.asarray(fa[p]), np.asarray(fb[p]), err_msg=interop.path_str(p))
 
 
 def to_v4(sd):
