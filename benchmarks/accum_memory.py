@@ -1,4 +1,4 @@
-"""Peak working memory of the pre-training step with gradient accumulation (issue 17).
+"""Peak working memory of the pre-training step with gradient accumulation.
 
 XLA's ``compile().memory_analysis()`` of ``pretrain.compile_step`` for ViT-Ti/4 on 32x32, decoder
 4x128, batch 256 (the optimizer batch), random masking, one device, for each ``grad_accum_steps`` k:

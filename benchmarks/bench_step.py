@@ -9,14 +9,11 @@ input pipelines over the config's data, with the share of the time spent waiting
   python benchmarks/bench_step.py --config configs/imagenet.py --config.batch_size=256   # GPU
 """
 import json
-import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Config to time.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
@@ -51,7 +48,8 @@ def time_pipelines(config) -> list[dict]:
 
     import jax
 
-    from colormae_jax import data, device_data, masking, parallel
+    from colormae_jax import masking, parallel
+    from colormae_jax.data import device as device_data, pipeline as data
     from colormae_jax.tasks import pretrain
     mesh = parallel.make_mesh(config.mesh)
     t = pretrain.make_trainer(config, mesh, data.steps_per_epoch(config.data, config.batch_size))
@@ -100,7 +98,7 @@ def time_pipelines(config) -> list[dict]:
 
 
 def time_torch(config) -> dict | None:
-    from colormae_jax import model
+    from colormae_jax.models import mae as model
     if _NO_TORCH.value:
         return None
     name, patch = model.parse_variant(config.model.variant)

@@ -151,7 +151,7 @@ def torch_reference(script: str, *, variant: str, image: int, patch: int, batch:
 
 def time_input(data_cfg, *, batch_size: int, batches: int, seed: int = 0) -> dict:
     """The grain pipeline alone (decode, RandomResizedCrop, flip, batch), in img/s."""
-    from colormae_jax import data
+    from colormae_jax.data import pipeline as data
     it = data.make_train_iterator(data_cfg, global_batch_size=batch_size, seed=seed)
     try:
         next(it)  # workers started, first batch in

@@ -17,12 +17,12 @@ Data: the device-resident pipeline (``data.pipeline='device'``: CIFAR-10 decoded
 the accelerator, cropped and flipped there), for pre-training, the kNN monitor and the probe's
 features; fine-tuning's RandAugment stays on the host (grain).
 
-The ``full`` preset is sized to one GPU window (``--window_s``, 15 min) at a pre-training
-throughput ``--img_per_s``: the epochs per run are what is left of the window after the
+The ``full`` preset is sized to a wall-clock budget (``--window_s``, default 15 minutes of one
+GPU) at a pre-training throughput ``--img_per_s``: the epochs per run are what is left of the budget after the
 estimated fixed costs (:data:`OVERHEAD_S`), split evenly over the runs, and FAMT's schedule
 (AMT: first update after 41 of 200 epochs, then every 40) and the warm-up scale with them. The
 default ``--img_per_s`` is an ESTIMATE (ViT-Ti/4, bf16, one H200) until
-``benchmarks/bench_step.py`` measures it there; if the real rate is lower the window ends early
+``benchmarks/bench_step.py`` measures it there; if the real rate is lower the budget ends early
 and rerunning the same command (same ``--img_per_s``: the plan must not change) resumes.
 """
 from __future__ import annotations
@@ -36,11 +36,9 @@ import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
-from colormae_jax import defaults  # noqa: E402
+from colormae_jax import config_lib, defaults
 
-import cifar10  # noqa: E402
-import cifar10_eval  # noqa: E402
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs')
 
 STRATEGIES = ('random', 'red', 'blue', 'green', 'purple', 'amt', 'famt')
 # Arms that are a strategy with settings: AMT is FAMT without the frequency guidance (and with the crop alignment).
@@ -59,11 +57,11 @@ _OVERRIDES = flags.DEFINE_multi_string('set', [], 'Pre-training config overrides
 _EVAL_OVERRIDES = flags.DEFINE_multi_string('eval_set', [], 'Evaluation config overrides KEY=VALUE.')
 _IMG_PER_S = flags.DEFINE_float('img_per_s', 20000.0, 'Pre-training img/s the full preset is sized by: an ESTIMATE '
                                 '(ViT-Ti/4 bf16, one H200) until benchmarks/bench_step.py measures it on the GPU.')
-_WINDOW_S = flags.DEFINE_float('window_s', 900.0, 'The GPU window (s) the full preset is sized to.')
+_WINDOW_S = flags.DEFINE_float('window_s', 900.0, 'The wall-clock budget (s) the full preset is sized to.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the planned epochs, images and time per run; run nothing.')
 
 CIFAR10_TRAIN = 50000
-# Fixed costs of the full preset in a window (estimates): the machine and imports, then per run the
+# Fixed costs of the full preset in its budget (estimates): the machine and imports, then per run the
 # compilations, the decoded split placed, the kNN monitor and the linear probe.
 OVERHEAD_S = {'start': 120.0, 'per_run': 45.0}
 
@@ -117,7 +115,7 @@ def _runs() -> int:
 def dry_run() -> str:
     p = plan(_PRESET.value, _runs(), _IMG_PER_S.value, _WINDOW_S.value)
     lines = [f"preset {_PRESET.value}: {_runs()} runs ({','.join(_STRATEGIES.value)} x seeds "
-             f"{','.join(_SEEDS.value)}), at {_IMG_PER_S.value:g} img/s (estimate unless measured), window "
+             f"{','.join(_SEEDS.value)}), at {_IMG_PER_S.value:g} img/s (estimate unless measured), budget "
              f'{_WINDOW_S.value:g} s']
     for s in _STRATEGIES.value:
         for seed in _SEEDS.value:
@@ -139,7 +137,8 @@ def _set(c, key: str, value) -> None:
 def pretrain_config(arm: str, seed: int):
     smoke = _PRESET.value == 'smoke'
     strategy, settings = ARMS.get(arm, (arm, {}))
-    c = cifar10.get_config(f'mask={strategy},root={_ROOT.value}' + (',smoke' if smoke else ''))
+    c = config_lib.load_config_file(os.path.join(CONFIGS, 'cifar10.py') + f':mask={strategy},root={_ROOT.value}'
+                                    + (',smoke' if smoke else ''))
     sized = {}
     if not smoke:
         sized = _full_schedule(plan('full', _runs(), _IMG_PER_S.value, _WINDOW_S.value)['epochs'])
@@ -167,7 +166,8 @@ def _apply(c, items):
 
 def eval_config(task: str, init_from: str, seed: int):
     smoke = _PRESET.value == 'smoke'
-    c = cifar10_eval.get_config(f'task={task},root={_ROOT.value}' + (',smoke' if smoke else ''))
+    c = config_lib.load_config_file(os.path.join(CONFIGS, 'cifar10_eval.py') + f':task={task},root={_ROOT.value}'
+                                    + (',smoke' if smoke else ''))
     for k, v in EVAL[_PRESET.value][task].items():
         _set(c, k, v)
     c.init_from, c.seed = init_from, seed

@@ -1,4 +1,4 @@
-r"""What verified checkpoints cost (issue 16): the checksums at save, the verification at restore.
+r"""What verified checkpoints cost: the checksums at save, the verification at restore.
 
 A ViT-B/16-sized train state (the encoder's params and AdamW's two moments, float32, random
 values; ``--decoder``: the whole MAE-B/16 pre-training state) is saved and restored with
@@ -15,7 +15,6 @@ write-back of one save slows the next). Prints a table and writes JSON.
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -23,15 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
-from colormae_jax import checkpoint, checksums, model as model_lib  # noqa: E402
+from colormae_jax import config_lib
+from colormae_jax.checkpoints import checkpointer as checkpoint, checksums
+from colormae_jax.models import mae as model_lib
 
-import benchlib  # noqa: E402
-import imagenet  # noqa: E402
+import benchlib
+
+IMAGENET = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'imagenet.py')
 
 
 def make_state(decoder: bool) -> dict:
-    config = imagenet.get_config()
+    config = config_lib.load_config_file(IMAGENET)
     c = model_lib.mae_config(config.model, config.data.image_size)
     abstract = model_lib.abstract_mae(c)[1]
     if not decoder:

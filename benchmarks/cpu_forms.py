@@ -11,16 +11,13 @@ ratio to torch's median.
   python benchmarks/cpu_forms.py --arms plain,all --rounds 7 --out benchmarks/results/cpu_forms.json
 """
 import json
-import os
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Config to time.')
 _ARMS = flags.DEFINE_list('arms', 'plain,attention,layernorm,dense,all',
@@ -48,7 +45,7 @@ def main(argv):
     del argv
     import jax
 
-    from colormae_jax import model
+    from colormae_jax.models import mae as model
 
     config = _CONFIG.value
     config.model.attn_impl = 'auto'

@@ -1,4 +1,4 @@
-r"""Fault injection (issue 16): do training runs survive what happens to real jobs?
+r"""Fault injection: do training runs survive what happens to real jobs?
 
 Every case runs ``python -m colormae_jax.main`` in subprocesses (a tiny MAE on a synthetic
 64-image folder, FAMT from step 4 with weight passes before steps 5, 13, 21, ..., a

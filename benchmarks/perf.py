@@ -1,4 +1,4 @@
-r"""The performance harness: one command, on whatever backend it finds (issue 8).
+r"""The performance harness: one command, on whatever backend it finds.
 
   python benchmarks/perf.py                          # GPU: ViT-B/16 at 224, decoder 8x512, batch 256
   python benchmarks/perf.py --tiny                   # CPU check of the harness itself (seconds)
@@ -30,8 +30,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/imagenet.py', 'Base config (model, decoder, data).')
 _TINY = flags.DEFINE_bool('tiny', False, 'Tiny shapes (mu/4 at 32, batch 16): checks the harness on a CPU.')
@@ -150,7 +149,7 @@ def main(argv):
     del argv
     import jax
 
-    from colormae_jax import model
+    from colormae_jax.models import mae as model
     gpu = jax.default_backend() == 'gpu'
     dev = jax.devices()[0]
     base = base_config()

@@ -32,7 +32,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from colormae_jax import checkpoint, config_lib, distributed
+from colormae_jax import config_lib, distributed
+from colormae_jax.checkpoints import checkpointer as checkpoint
 from colormae_jax.errors import ConfigError, DataError
 from colormae_jax.loop import NonFiniteMetrics
 

@@ -8,8 +8,9 @@ import os
 import jax
 import ml_collections
 
-from colormae_jax import masking, model, parallel
+from colormae_jax import masking, parallel
 from colormae_jax.errors import ConfigError
+from colormae_jax.models import mae as model
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -23,7 +23,7 @@ def data_config() -> ml_collections.ConfigDict:
         num_workers=0,              # grain worker processes (0: in the main process)
         prefetch_buffer=2,          # batches prepared ahead (in as many threads)
         pipeline='grain',           # 'grain': decode + augment on the host; 'device': each split decoded once
-                                    # (cached), resident on the accelerator, cropped there (colormae_jax.device_data)
+                                    # (cached), resident on the accelerator, cropped there (colormae_jax.data.device)
         device_max_gb=0.0,          # 'device': a split's cap per device (0: half the free device memory; 4 GB on CPU)
     ))
 

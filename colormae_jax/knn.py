@@ -2,7 +2,7 @@
 
 :func:`extract` runs the encoder (sharded) over one pass of a split (centre crops) and
 gathers [CLS] and mean-pooled features from every process (with ``data.pipeline='device'``
-from the resident split, :func:`colormae_jax.device_data.eval_batches`); :func:`knn_accuracy` is DINO's
+from the resident split, :func:`colormae_jax.data.device.eval_batches`); :func:`knn_accuracy` is DINO's
 weighted kNN (cosine, the k nearest vote with ``exp(sim / T)``). Used by the kNN monitor of
 pre-training, the kNN task and the fast linear probe.
 """
@@ -19,7 +19,9 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from colormae_jax import data, device_data, model as model_lib, parallel
+from colormae_jax import parallel
+from colormae_jax.data import device as device_data, pipeline as data
+from colormae_jax.models import mae as model_lib
 
 
 def encoder_graph(c: model_lib.MAEConfig) -> nnx.GraphDef:

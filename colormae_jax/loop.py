@@ -19,7 +19,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from colormae_jax import checkpoint as ckpt_lib, data, datasets, metrics, parallel, workdir as workdir_lib
+from colormae_jax import metrics, parallel
+from colormae_jax.checkpoints import checkpointer as ckpt_lib, workdir as workdir_lib
+from colormae_jax.data import pipeline as data, sources as datasets
 
 
 class Task(Protocol):

@@ -24,11 +24,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from colormae_jax import cli as cli_lib, datasets
+from colormae_jax import cli as cli_lib
+from colormae_jax.checkpoints.workdir import WorkdirLock
 from colormae_jax.cli import EXIT_NON_FINITE, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: F401 - main.EXIT_*
+from colormae_jax.data import sources as datasets
 from colormae_jax.errors import ConfigError, DataError
 from colormae_jax.tasks import finetune, knn, linear_probe, pretrain, segment
-from colormae_jax.workdir import WorkdirLock
 
 # config.task -> its module: validate(config, num_devices, check_data), train_and_evaluate(config, workdir, ...)
 TASKS = {'pretrain': pretrain, 'knn': knn, 'linear_probe': linear_probe, 'finetune': finetune,

@@ -10,7 +10,7 @@
 * :func:`make_lars`: MAE's LARS (``util/lars.py``) for the linear probe.
 
 Parameter trees are pure dicts (``nnx.to_pure_dict``), such as a
-:class:`colormae_jax.model.Classifier`'s: ``{'encoder': {'cls_token', 'patch_embed',
+:class:`colormae_jax.models.mae.Classifier`'s: ``{'encoder': {'cls_token', 'patch_embed',
 'blocks': {0: ..., 1: ...}, 'norm'}, 'fc_norm', 'head', ...}`` (the ``'encoder'`` level is
 optional).
 """

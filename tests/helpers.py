@@ -53,7 +53,7 @@ def rel(a, b) -> float:
 
 def assert_identical(a, b):
     """Two param trees with the same paths and bitwise-equal leaves."""
-    from colormae_jax import interop
+    from colormae_jax.interop import torch_hf as interop
     fa, fb = interop._flat(a), interop._flat(b)
     assert fa.keys() == fb.keys()
     for p in fa:

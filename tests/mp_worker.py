@@ -55,7 +55,7 @@ def snapshot(state, task) -> dict:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from colormae_jax import checkpoint
+    from colormae_jax.checkpoints import checkpointer as checkpoint
     params = multihost_utils.process_allgather(state['params'], tiled=True)
     out = {f'params/{checkpoint._keystr(p)}': np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     famt_state = task.phases.states.get('famt')
@@ -115,8 +115,9 @@ def main():
     import numpy as np
     from absl import logging
 
-    from colormae_jax import data, main
+    from colormae_jax import main
     from colormae_jax.cli import configure_logging
+    from colormae_jax.data import pipeline as data
     from colormae_jax.tasks import pretrain
 
     from helpers import smoke_config

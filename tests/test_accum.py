@@ -11,8 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
-from colormae_jax import classifier, config_lib, main, masking, model as M, parallel
+from colormae_jax import config_lib, main, masking, parallel
 from colormae_jax.errors import ConfigError
+from colormae_jax.models import classifier, mae as M
 from colormae_jax.tasks import evaluation, pretrain
 
 from helpers import make_folder, smoke_config

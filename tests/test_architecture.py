@@ -11,12 +11,12 @@ PKG = ROOT / 'colormae_jax'
 
 # Top to bottom. ``tools`` are command-line programs on top of the library.
 LAYERS = [
-    ('entry', ['main', 'cli', 'api', 'tools.*']),
+    ('entry', ['main', 'cli', 'api', 'api.*', 'tools', 'tools.*']),
     ('tasks', ['tasks', 'tasks.*']),
-    ('shared', ['loop', 'optim', 'knn', 'checkpoint', 'checksums', 'weights', 'interop', 'config_lib', 'masking',
-                'masking.*']),
-    ('base', ['model', 'classifier', 'augment', 'data', 'datasets', 'parallel', 'metrics', 'distributed',
-              'defaults', 'workdir', 'posembed', 'viz', 'device_data', 'segmentation', 'seg_data']),
+    ('shared', ['loop', 'optim', 'knn', 'config_lib', 'checkpoints.checkpointer', 'checkpoints.checksums',
+                'interop.*', 'masking', 'masking.*']),
+    ('base', ['models', 'models.*', 'data', 'data.*', 'checkpoints', 'checkpoints.workdir', 'interop', 'parallel',
+              'metrics', 'distributed', 'defaults', 'viz']),
     ('bottom', ['errors']),
 ]
 

@@ -1,4 +1,4 @@
-"""Verified checkpoints and the workdir lock (issue 16, parts 1 and 2).
+"""Verified checkpoints and the workdir lock.
 
 Fast: the fingerprint (the same for numpy, one device and any sharding; changed by a flipped
 bit), and every kind of damage on a small Checkpointer (no model): the damaged step is renamed
@@ -25,7 +25,10 @@ import numpy as np
 import pytest
 from test_multihost import Workers, assert_trees_close, params_of
 
-from colormae_jax import checkpoint, datasets, errors, main, weights, workdir as workdir_lib
+from colormae_jax import errors, main
+from colormae_jax.checkpoints import checkpointer as checkpoint, workdir as workdir_lib
+from colormae_jax.data import sources as datasets
+from colormae_jax.interop import weights
 
 from helpers import make_folder, smoke_config
 
@@ -250,7 +253,7 @@ def test_step_without_checksums_restores_unverified(tmp_path, caplog):
 
 def test_training_params_reader_refuses_a_damaged_step(tmp_path):
     """``init_from`` readers verify the params they read."""
-    from colormae_jax import model as model_lib
+    from colormae_jax.models import mae as model_lib
     config = smoke_config(tmp_path / 'x', tmp_path / 'y')
     c = model_lib.mae_config(config.model, config.data.image_size)
     rng = np.random.default_rng(0)  # random bits: stored uncompressed (see _state)

@@ -185,7 +185,8 @@ def test_noise_filter_keeps_real_warnings():
 
 
 def test_error_line_of_a_checkpoint_mismatch():
-    from colormae_jax import checkpoint, cli
+    from colormae_jax import cli
+    from colormae_jax.checkpoints import checkpointer as checkpoint
     e = checkpoint.CheckpointMismatch(
         'The checkpoint /w/checkpoints/4 does not match this config:\n'
         "  model.variant: checkpoint has 'Ti/4', config has 'S/4'\n"

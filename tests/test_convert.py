@@ -14,7 +14,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from colormae_jax import checkpoint, masking, model as M, weights  # noqa: E402
+from colormae_jax import masking  # noqa: E402
+from colormae_jax.checkpoints import checkpointer as checkpoint  # noqa: E402
+from colormae_jax.interop import weights  # noqa: E402
+from colormae_jax.models import mae as M  # noqa: E402
 from colormae_jax.tools import convert  # noqa: E402
 
 import torch_mae  # noqa: E402

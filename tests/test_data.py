@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from colormae_jax import data, datasets, defaults, errors
+from colormae_jax import defaults, errors
+from colormae_jax.data import pipeline as data, sources as datasets
 
 from helpers import make_folder
 

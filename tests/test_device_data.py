@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from colormae_jax import config_lib, data, device_data, knn, main, model as model_lib, parallel
+from colormae_jax import config_lib, knn, main, parallel
+from colormae_jax.data import device as device_data, pipeline as data
 from colormae_jax.errors import ConfigError
+from colormae_jax.models import mae as model_lib
 
 from helpers import make_folder, smoke_config
 

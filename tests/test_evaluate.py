@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from colormae_jax import config_lib, knn, main, weights
+from colormae_jax import config_lib, knn, main
+from colormae_jax.interop import weights
 from colormae_jax.tasks import linear_probe
 
 from helpers import make_folder, override, smoke_config

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from colormae_jax import checkpoint, config_lib, data, loop, main, masking, model, parallel
+from colormae_jax import config_lib, loop, main, masking, parallel
+from colormae_jax.checkpoints import checkpointer as checkpoint
+from colormae_jax.data import pipeline as data
 from colormae_jax.masking import famt
+from colormae_jax.models import mae as model
 from colormae_jax.tasks import pretrain
 
 from helpers import make_folder, override, smoke_config

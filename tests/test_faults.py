@@ -1,4 +1,4 @@
-"""Fast versions of ``benchmarks/faults.py`` (issue 16), with its own functions.
+"""Fast versions of ``benchmarks/faults.py``, with its own functions.
 
 Fast: every kind of damage the benchmark does, and a byte flipped at 10 random offsets, on a
 small Checkpointer: the step is set aside unchanged as ``STEP.damaged`` and the step before
@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from test_checkpoint_safety import CONFIG, _abstract, _iterator, _save_steps, _state
 
-from colormae_jax import checkpoint, cli, datasets, defaults, errors, loop
+from colormae_jax import cli, defaults, errors, loop
+from colormae_jax.checkpoints import checkpointer as checkpoint
+from colormae_jax.data import sources as datasets
 
 from helpers import make_folder
 

@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from colormae_jax import augment, classifier as C, data, model as M, optim
+from colormae_jax import optim
+from colormae_jax.data import augment, pipeline as data
+from colormae_jax.models import classifier as C, mae as M
 from colormae_jax.optim import decay_mask
 
 

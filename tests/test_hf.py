@@ -1,4 +1,4 @@
-"""Hugging Face transformers ViTMAE interop (colormae_jax.interop, tools.convert) against the installed
+"""Hugging Face transformers ViTMAE interop (colormae_jax.interop.torch_hf, tools.convert) against the installed
 ``ViTMAEForPreTraining``: random weights, the same images and the same mask (its ``noise`` argument)."""
 import dataclasses
 import functools
@@ -17,7 +17,12 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from colormae_jax import interop, masking, model as M, weights  # noqa: E402
+from colormae_jax import masking  # noqa: E402
+from colormae_jax.interop import (  # noqa: E402
+    torch_hf as interop,
+    weights,
+)
+from colormae_jax.models import mae as M  # noqa: E402
 from colormae_jax.tools import convert  # noqa: E402
 
 from helpers import assert_identical, rel  # noqa: E402

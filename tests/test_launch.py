@@ -13,7 +13,7 @@ from helpers import make_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
-SCRIPTS = ['local.sh', 'local_multiprocess.sh', 'gpu_node.sh', 'tpu_pod.sh', 'gpu_session.sh', 'gpu_wheels.sh']
+SCRIPTS = ['local.sh', 'local_multiprocess.sh', 'gpu_node.sh', 'tpu_pod.sh', 'gpu_bench.sh']
 CONFIG = 'configs/cifar10.py:smoke'
 
 # Arguments that each script must refuse with exit code 2 and a message on stderr.
@@ -28,8 +28,7 @@ BAD = {
                    ['pod', 'nowhere', CONFIG, 'gs://b/w'], ['pod', 'us-central2-b', CONFIG, '/tmp/w'],
                    ['-a', 'tpu', 'pod', 'us-central2-b', CONFIG, 'gs://b/w'],
                    ['pod', 'us-central2-b', 'configs/nope.py', 'gs://b/w']],
-    'gpu_session.sh': [[], ['bogus'], ['study', 'random', 'soon'], ['perf', 'extra']],
-    'gpu_wheels.sh': [['extra']],
+    'gpu_bench.sh': [['-s', 'bogus'], ['-m', 'soon'], ['-m', '0'], ['-k', 'random;rm'], ['extra'], ['-q'], ['-o']],
 }
 
 

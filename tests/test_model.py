@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colormae_jax import masking, model as M
+from colormae_jax import masking
+from colormae_jax.models import mae as M
 
 
 def tiny(**kw):

@@ -34,7 +34,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from colormae_jax import checkpoint, data, datasets, distributed, errors, main
+from colormae_jax import distributed, errors, main
+from colormae_jax.checkpoints import checkpointer as checkpoint
+from colormae_jax.data import pipeline as data, sources as datasets
 
 from helpers import make_folder, smoke_config
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from colormae_jax import model, posembed
+from colormae_jax.models import mae as model, posembed
 
 torch = pytest.importorskip('torch')
 

@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from colormae_jax import checkpoint, data, main
+from colormae_jax import main
+from colormae_jax.checkpoints import checkpointer as checkpoint
+from colormae_jax.data import pipeline as data
 
 from helpers import make_folder, smoke_config
 

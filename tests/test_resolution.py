@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colormae_jax import classifier, config_lib, knn, main, model as M, parallel, posembed, weights
+from colormae_jax import config_lib, knn, main, parallel
+from colormae_jax.interop import weights
+from colormae_jax.models import classifier, mae as M, posembed
 from colormae_jax.tasks import evaluation
 
 from helpers import make_folder, override

@@ -12,8 +12,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from colormae_jax import cli, main, model as model_lib, seg_data, segmentation as seg, weights
+from colormae_jax import cli, main
+from colormae_jax.data import segmentation as seg_data
 from colormae_jax.errors import DataError
+from colormae_jax.interop import weights
+from colormae_jax.models import mae as model_lib, upernet as seg
 from colormae_jax.tasks import segment
 
 from helpers import override
@@ -272,9 +275,9 @@ def test_segment_learns_the_shapes_and_resumes_exactly(folder, tmp_path):
                                                    num_classes=K), whole)
 
     # the visualisation tool's predictions are the evaluation's: over the whole split they score the run's mIoU
-    from colormae_jax import api
-    sm = api.load_segmenter(str(w))
-    _, _, maps = api.seg_panels(sm, api.seg_examples(sm, num=100))
+    from colormae_jax.api import segmentation as seg_api
+    sm = seg_api.load(str(w))
+    _, _, maps = seg_api.panels(sm, seg_api.examples(sm, num=100))
     areas = sum(seg.intersect_and_union(m['pred'], m['label'], K) for m in maps)
     assert len(maps) == 6 and seg.seg_metrics(areas)['mIoU'] == pytest.approx(miou)
 
@@ -287,7 +290,9 @@ def test_visualize_draws_the_label_maps_of_a_segment_run(folder, tmp_path, capsy
     predicted panel against the predictions, own images, one-line errors."""
     import jax.numpy as jnp
 
-    from colormae_jax import api, checkpoint, viz
+    from colormae_jax import viz
+    from colormae_jax.api import segmentation as seg_api
+    from colormae_jax.checkpoints import checkpointer as checkpoint
     from colormae_jax.tools import visualize
     root, data_dir, enc = folder
     c = smoke(root, data_dir, enc)
@@ -313,8 +318,8 @@ def test_visualize_draws_the_label_maps_of_a_segment_run(folder, tmp_path, capsy
     lay = viz.layout(2, 3, h * s, w * s, footer=True)
     assert picture.shape == (*lay.size, 3)
     pal = seg.palette(K)
-    sm = api.load_segmenter(str(wd / 'checkpoints' / '3'))
-    _, _, maps = api.seg_panels(sm, api.seg_examples(sm, split='val', num=2))
+    sm = seg_api.load(str(wd / 'checkpoints' / '3'))
+    _, _, maps = seg_api.panels(sm, seg_api.examples(sm, split='val', num=2))
     for r in range(2):
         tile = [picture[y:y + lay.tile_h:s, x:x + lay.tile_w:s] for y, x in (lay.origin(r, i) for i in range(3))]
         name = maps[r]['name']  # the split's order (the prepared source's), as the TensorBoard pictures
@@ -343,5 +348,5 @@ def test_visualize_draws_the_label_maps_of_a_segment_run(folder, tmp_path, capsy
         err = capsys.readouterr().err
         assert err.startswith(start) and err.count('\n') == 1, err
     with pytest.raises(DataError, match='not a task=segment run'):
-        api.load_segmenter(enc)
+        seg_api.load(enc)
     assert not (tmp_path / 'x.png').exists()

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from colormae_jax import masking, model, optim, parallel
+from colormae_jax import masking, optim, parallel
+from colormae_jax.models import mae as model
 from colormae_jax.tasks import pretrain
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))

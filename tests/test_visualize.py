@@ -1,4 +1,4 @@
-"""The visualisation tool (tools/visualize.py), its pictures (viz.py) and the Python API (api.py)."""
+"""The visualisation tool (tools/visualize.py), its pictures (viz.py) and the Python API (api/mae.py)."""
 import dataclasses
 import os
 import re
@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from colormae_jax import api, checkpoint, model as M, parallel, viz, weights
+from colormae_jax import parallel, viz
+from colormae_jax.api import mae as api
+from colormae_jax.checkpoints import checkpointer as checkpoint
+from colormae_jax.interop import weights
+from colormae_jax.models import mae as M
 from colormae_jax.tasks import pretrain
 from colormae_jax.tools import visualize
 
@@ -193,13 +197,13 @@ def test_bad_image_and_bad_source_are_one_line_errors(sources, tmp_path, capsys)
 
 
 def test_docs_example_runs(sources, tmp_path, monkeypatch):
-    """The example of the README's "Python API" section, on the tiny run."""
-    code = example_code(os.path.join(ROOT, 'README.md'), 'Python API')
+    """The example of docs/api.md's "Python API" section, on the tiny run."""
+    code = example_code(os.path.join(ROOT, 'docs', 'api.md'), 'Python API')
     assert "api.load('/tmp/colormae_smoke')" in code
     os.symlink(sources['photos'], tmp_path / 'photos')
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(code.replace('/tmp/colormae_smoke', sources['wd']), 'README.md', 'exec'), scope)
+    exec(compile(code.replace('/tmp/colormae_smoke', sources['wd']), 'docs/api.md', 'exec'), scope)
     assert scope['features'].shape == (3, 32) and np.isfinite(scope['features']).all()
     assert scope['rec'].images.shape == (3, 32, 32, 3) and (scope['rec'].mask == 1).sum() == 3 * 48
     assert _read(tmp_path / 'grid.png').shape == scope['picture'].shape

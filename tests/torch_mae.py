@@ -6,7 +6,7 @@ The modules and parameter names are those of facebookresearch/mae ``models_mae.p
 the encoder under timm's names (without ``head``), so a timm-layout export loads into it with
 ``strict=True``; ``MaskedAutoencoderViT`` adds the decoder under MAE's names.
 
-The forward pass mirrors ``colormae_jax.model.MAE`` instead of MAE's shuffle/unshuffle: explicit
+The forward pass mirrors ``colormae_jax.models.mae.MAE`` instead of MAE's shuffle/unshuffle: explicit
 visible / masked index tensors, the encoder sees ``[cls, visible patches in the given order]``, the
 decoder ``[cls, visible..., mask tokens at the masked positions...]`` and predicts the mask slots only.
 Attention is permutation-equivariant, so this is the official computation with the tokens reordered.

@@ -36,7 +36,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from colormae_jax import data, datasets, device_data, loop, parallel
+from colormae_jax import loop, parallel
+from colormae_jax.data import device as device_data, pipeline as data, sources as datasets
 from colormae_jax.errors import ConfigError
 from colormae_jax.masking import core
 

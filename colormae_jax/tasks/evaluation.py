@@ -22,8 +22,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from colormae_jax import config_lib, data, knn, loop, metrics, model as model_lib, parallel, posembed, weights
+from colormae_jax import config_lib, knn, loop, metrics, parallel
+from colormae_jax.data import pipeline as data
 from colormae_jax.errors import ConfigError
+from colormae_jax.interop import weights
+from colormae_jax.models import mae as model_lib, posembed
 
 
 def validate(config, num_devices: int | None = None, check_data: bool = True) -> None:
@@ -126,6 +129,9 @@ class ClassifierTask:
     ``eval_every`` steps and at the end, and logs the best and the last value.
     """
 
+    best_key = 'top1'  # the metric whose best value is logged and kept in the checkpoint (eval/best_<key>)
+    report_keys = ('top1',)  # the metrics of the last evaluation the run reports
+
     def __init__(self, config, mesh, *, name: str, forward, init_vars, tx, schedule, aux, total_steps: int,
                  steps_per_epoch: int, eval_batches: Callable, eval_every: int, loss_fn=None, batch_transform=None):
         self.config, self.mesh, self.name = config, mesh, name
@@ -146,7 +152,7 @@ class ClassifierTask:
         self._step = jax.jit(self._train_step, in_shardings=(self.state_sharding, bs, rep),
                              out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
         self._eval = jax.jit(self._eval_step, in_shardings=(self.state_sharding, bs, rep), out_shardings=rep)
-        self.best, self.last = {'top1': 0.0}, {}
+        self.best, self.last = {self.best_key: 0.0}, {}
 
     def _new_state(self, params, stats):
         return {'step': jnp.zeros((), jnp.int32), 'params': params, 'stats': stats,
@@ -201,13 +207,13 @@ class ClassifierTask:
         ok = (logits.argmax(-1) == batch['label']) & batch['valid']
         return {'correct': ok.sum(), 'count': batch['valid'].sum()}
 
-    def evaluate(self, state) -> float:
+    def evaluate(self, state) -> dict:
         correct = count = 0
         sharding = parallel.batch_sharding(self.mesh)
         for b in self.eval_batches():
             r = self._eval(state, data.to_global(b, lambda name, x: sharding), self.aux)
             correct, count = correct + int(r['correct']), count + int(r['count'])
-        return 100.0 * correct / max(count, 1)
+        return {'top1': 100.0 * correct / max(count, 1)}
 
     def run(self, workdir: str, it, stop_after=None, deadline=None) -> dict:
         """Trains with :func:`loop.run` (resuming from ``workdir``); a run resumed after its
@@ -234,17 +240,23 @@ class ClassifierTask:
     def after_step(self, step, state, writer) -> None:
         if step % self.eval_every and step != self.total_steps:
             return
-        top1 = self.evaluate(state)
-        self.best['top1'] = max(self.best['top1'], top1)
-        self.last = {'top1': top1}
-        writer.write_scalars(step, {'eval/top1': top1, 'eval/best_top1': self.best['top1']})
-        logging.info('%s: step %d, eval top-1 %.2f%% (best %.2f%%).', self.name, step, top1, self.best['top1'])
+        m = self.evaluate(state)
+        key = self.best_key
+        self.best[key] = max(self.best[key], m[key])
+        self.last = {k: m[k] for k in self.report_keys}
+        scalars = {f'eval/{k}': v for k, v in self.last.items()}
+        writer.write_scalars(step, scalars | {f'eval/best_{key}': self.best[key]})
+        self.report(step, m, writer)
+
+    def report(self, step: int, m: dict, writer) -> None:
+        """Logs (and, in subclasses, writes more of) the evaluation ``m`` of ``step``."""
+        logging.info('%s: step %d, eval top-1 %.2f%% (best %.2f%%).', self.name, step, m['top1'], self.best['top1'])
 
     def abstract_extra(self):
-        return {'eval': {'best_top1': np.zeros((), np.float64)}}
+        return {'eval': {f'best_{self.best_key}': np.zeros((), np.float64)}}
 
     def load_extra(self, restored) -> None:
-        self.best['top1'] = float(restored['eval']['best_top1'])
+        self.best[self.best_key] = float(restored['eval'][f'best_{self.best_key}'])
 
     def extra(self):
-        return {'eval': {'best_top1': np.asarray(self.best['top1'], np.float64)}}
+        return {'eval': {f'best_{self.best_key}': np.asarray(self.best[self.best_key], np.float64)}}

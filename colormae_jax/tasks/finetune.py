@@ -4,7 +4,7 @@ The pre-trained encoder goes into a :class:`classifier.Classifier` (mean-pooled 
 ``fc_norm`` and the head), trained end to end with AdamW and layer-wise lr decay
 (:func:`optim.make_finetune_optimizer`), drop path, RandAugment on the host
 (:class:`augment.RandAugmentCropFlip`), and on the device mixup / cutmix with label
-smoothing and random erasing (:mod:`colormae_jax.augment`). Top-1 on the eval split every
+smoothing and random erasing (:mod:`colormae_jax.data.augment`). Top-1 on the eval split every
 ``eval_every_epochs``; the best and last values are logged and saved.
 """
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from colormae_jax import augment, classifier, config_lib, data, model as model_lib, optim
+from colormae_jax import config_lib, optim
+from colormae_jax.data import augment, pipeline as data
 from colormae_jax.errors import ConfigError
+from colormae_jax.models import classifier, mae as model_lib
 from colormae_jax.tasks import evaluation
 
 validate = evaluation.validate

@@ -14,8 +14,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colormae_jax import classifier, config_lib, data, knn, model as model_lib, optim
+from colormae_jax import config_lib, knn, optim
+from colormae_jax.data import pipeline as data
 from colormae_jax.errors import ConfigError
+from colormae_jax.models import classifier, mae as model_lib
 from colormae_jax.tasks import evaluation
 
 validate = evaluation.validate

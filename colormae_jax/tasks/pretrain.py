@@ -22,21 +22,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from colormae_jax import (
-    config_lib,
-    data,
-    datasets,
-    device_data,
-    knn,
-    loop,
-    masking,
-    model as model_lib,
-    optim,
-    parallel,
-    viz,
-    weights,
-)
+from colormae_jax import config_lib, knn, loop, masking, optim, parallel, viz
+from colormae_jax.data import device as device_data, pipeline as data, sources as datasets
 from colormae_jax.errors import ConfigError
+from colormae_jax.interop import weights
+from colormae_jax.models import mae as model_lib
 
 Batch = dict[str, jax.Array]
 

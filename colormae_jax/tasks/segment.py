@@ -4,7 +4,7 @@ The pre-trained encoder (``config.init_from``: a workdir, a checkpoint step, an 
 becomes the backbone of :class:`segmentation.SegModel` (position table resized to the crop's
 grid), trained with AdamW and layer-wise lr decay (:func:`optim.make_finetune_optimizer`),
 mmseg's warm-up + poly schedule (:func:`segmentation.lr_schedule`), on
-:mod:`colormae_jax.seg_data`'s pipeline, by :func:`loop.run` (checkpoints, resume, preemption,
+:mod:`colormae_jax.data.segmentation`'s pipeline, by :func:`loop.run` (checkpoints, resume, preemption,
 multi-host) through :class:`evaluation.ClassifierTask`. Every ``eval_every_steps`` and at the end:
 sliding-window inference over the eval split, aAcc / mIoU / mAcc from areas summed over the
 whole split, written to TensorBoard and ``workdir/seg_eval.jsonl``, with pictures of predicted
@@ -22,18 +22,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from colormae_jax import (
-    config_lib,
-    data,
-    model as model_lib,
-    optim,
-    parallel,
-    posembed,
-    seg_data,
-    segmentation as seg,
-    weights,
-)
+from colormae_jax import config_lib, optim, parallel
+from colormae_jax.data import pipeline as data, segmentation as seg_data
 from colormae_jax.errors import ConfigError
+from colormae_jax.interop import weights
+from colormae_jax.models import mae as model_lib, posembed, upernet as seg
 from colormae_jax.tasks import evaluation
 
 
@@ -128,11 +121,12 @@ def picture(image: np.ndarray, label: np.ndarray, pred: np.ndarray, num_classes:
 
 class SegTask(evaluation.ClassifierTask):
     """:class:`evaluation.ClassifierTask` with the segmentation evaluation (best mIoU saved)."""
+    best_key = 'mIoU'
+    report_keys = ('mIoU', 'aAcc', 'mAcc')
 
     def __init__(self, config, mesh, workdir: str, graphdef, **kw):
         self.workdir, self.graphdef = workdir, graphdef
         super().__init__(config, mesh, **kw)
-        self.best = {'mIoU': 0.0}
         c = config
         local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         self._local_mesh = jax.sharding.Mesh(np.asarray(local), ('data',))
@@ -167,14 +161,7 @@ class SegTask(evaluation.ClassifierTask):
         self._pictures = pictures
         return seg.seg_metrics(areas)
 
-    def after_step(self, step, state, writer) -> None:
-        if step % self.eval_every and step != self.total_steps:
-            return
-        m = self.evaluate(state)
-        self.best['mIoU'] = max(self.best['mIoU'], m['mIoU'])
-        self.last = {k: m[k] for k in ('mIoU', 'aAcc', 'mAcc')}
-        writer.write_scalars(step, {f'eval/{k}': v for k, v in self.last.items()} |
-                             {'eval/best_mIoU': self.best['mIoU']})
+    def report(self, step: int, m: dict, writer) -> None:
         if self._pictures:
             writer.write_images(step, {f'eval/labels_{i}': p[None] for i, (_, p) in enumerate(self._pictures)})
         if jax.process_index() == 0 and '://' not in self.workdir:
@@ -184,15 +171,6 @@ class SegTask(evaluation.ClassifierTask):
                                     'IoU': [None if np.isnan(x) else round(float(x), 4) for x in m['IoU']]}) + '\n')
         logging.info('segmentation: step %d, mIoU %.2f, aAcc %.2f, mAcc %.2f (best mIoU %.2f).', step,
                      m['mIoU'], m['aAcc'], m['mAcc'], self.best['mIoU'])
-
-    def abstract_extra(self):
-        return {'eval': {'best_mIoU': np.zeros((), np.float64)}}
-
-    def load_extra(self, restored) -> None:
-        self.best['mIoU'] = float(restored['eval']['best_mIoU'])
-
-    def extra(self):
-        return {'eval': {'best_mIoU': np.asarray(self.best['mIoU'], np.float64)}}
 
 
 def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | None = None,

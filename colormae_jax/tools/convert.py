@@ -9,8 +9,8 @@ Hugging Face transformers ViTMAE (``save_pretrained`` folders).
   python -m colormae_jax.tools.convert export /tmp/mae_b16 /tmp/mae_b16.safetensors --layout mae --with_decoder
   python -m colormae_jax.tools.convert export /tmp/mae_b16 /tmp/mae_b16_hf --layout hf  # from_pretrained loads it
 
-The conversions themselves are library code in :mod:`colormae_jax.interop` (re-exported here); our side is
-read and written by :mod:`colormae_jax.weights`. Key maps and what was verified: ``docs/interop.md``.
+The conversions themselves are library code in :mod:`colormae_jax.interop.torch_hf` (re-exported here); our side is
+read and written by :mod:`colormae_jax.interop.weights`. Key maps and what was verified: ``docs/interop.md``.
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ import os
 import sys
 from typing import Any, Sequence
 
-from colormae_jax import checkpoint, config_lib, interop, model as model_lib, weights
-from colormae_jax.interop import (  # noqa: F401 - the Python API of this tool
+from colormae_jax import config_lib
+from colormae_jax.checkpoints import checkpointer as checkpoint
+from colormae_jax.interop import torch_hf as interop, weights
+from colormae_jax.interop.torch_hf import (  # noqa: F401 - the Python API of this tool
     HF,
     LAYOUTS,
     WRAPPERS,
@@ -43,6 +45,7 @@ from colormae_jax.interop import (  # noqa: F401 - the Python API of this tool
     path_str,
     read_state_dict,
 )
+from colormae_jax.models import mae as model_lib
 
 # ------------------------------------------------------------------------------ command line
 

@@ -6,13 +6,13 @@
   python -m colormae_jax.tools.visualize /tmp/mae_ti4 --config configs/cifar10.py --split test --num 4 \\
       --strategies random,green,blue,famt --step 2000 --out grid.png
 
-SOURCE is anything ``colormae_jax.weights.load_any_params`` reads: a training workdir,
+SOURCE is anything ``colormae_jax.interop.weights.load_any_params`` reads: a training workdir,
 WORKDIR/checkpoints/STEP, a ``tools.convert import`` folder, a ``.pth`` / ``.safetensors`` file or a
 Hugging Face ``save_pretrained`` folder. One row per image: the input; for each strategy (``NAME[:MASK[/THROW]]``)
 the mask (light visible, dark masked, red thrown) and the reconstruction (visible patches pasted
 back, norm-pix undone with each patch's own mean and variance); for FAMT also the [CLS]
 attention, frequency and fused maps, a training crop and flip, and the map aligned to it.
-Python: :mod:`colormae_jax.api` (docs/api.md).
+Python: :mod:`colormae_jax.api.mae`, :mod:`colormae_jax.api.segmentation` (docs/api.md).
 
 A task=segment run's workdir (or WORKDIR/checkpoints/STEP) is recognised by its saved config
 (task == 'segment'): one row per image, the image, the true label map over it and the predicted
@@ -30,9 +30,11 @@ from typing import Any, Sequence
 
 from absl import logging
 
-from colormae_jax import api, config_lib, viz
-from colormae_jax.checkpoint import CheckpointError
+from colormae_jax import config_lib, viz
+from colormae_jax.api import mae as api, segmentation as seg_api
+from colormae_jax.checkpoints.checkpointer import CheckpointError
 from colormae_jax.errors import ConfigError, DataError
+from colormae_jax.interop import weights
 
 
 def _load_config_file(spec: str) -> Any:
@@ -44,15 +46,15 @@ def _load_config_file(spec: str) -> Any:
 
 
 def run_segment(args: argparse.Namespace, config: Any) -> str:
-    seg = api.load_segmenter(args.source, args.step)
+    seg = seg_api.load(args.source, args.step)
     if args.images:
-        examples = api.seg_examples(seg, images=args.images, num=args.num)
+        examples = seg_api.examples(seg, images=args.images, num=args.num)
     else:
-        examples = api.seg_examples(seg, data_cfg=config.data if config is not None else None, split=args.split,
+        examples = seg_api.examples(seg, data_cfg=config.data if config is not None else None, split=args.split,
                                     num=args.num or 8)
     if not examples:
         raise DataError(f'--split {args.split}: no images')
-    rows, titles, _ = api.seg_panels(seg, examples, max_side=args.max_side)
+    rows, titles, _ = seg_api.panels(seg, examples, max_side=args.max_side)
     scale = args.scale or viz.auto_scale(max(rows[0][0].shape[:2]))
     picture = viz.grid(rows, titles, scale=scale, footer=viz.label_legend(seg.num_classes))
     out = viz.save_png(args.out, picture)
@@ -64,7 +66,7 @@ def run_segment(args: argparse.Namespace, config: Any) -> str:
 
 def run(args: argparse.Namespace) -> str:
     config = _load_config_file(args.config) if args.config else None
-    found = api.run_config(args.source, args.step) if os.path.isdir(args.source) else None
+    found = weights.run_config(args.source, args.step) if os.path.isdir(args.source) else None
     if found is not None and found[2].get('task') == 'segment':
         return run_segment(args, config)
     if not args.images and config is None:

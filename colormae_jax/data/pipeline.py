@@ -1,6 +1,6 @@
 """The input pipeline: grain batches (train and eval) from a dataset's source, and global arrays.
 
-The sources come from :mod:`colormae_jax.datasets` (prepared once per run); this module turns
+The sources come from :mod:`colormae_jax.data.sources` (prepared once per run); this module turns
 them into batches. Training pipeline, per process (``make_train_iterator``)::
 
     source -> attach the index in the full split -> this process's shard (equal sizes)
@@ -12,7 +12,7 @@ the image: output pixel (row r, column c) of an S x S image comes from the sourc
 (relative coordinates) ``y = y0 + h * (r + .5) / S`` and ``x = x0 + w * u`` with
 ``u = (c + .5) / S``, or ``u = 1 - (c + .5) / S`` when ``flip``.
 
-(``data.pipeline='device'`` replaces this with :mod:`colormae_jax.device_data`: the split
+(``data.pipeline='device'`` replaces this with :mod:`colormae_jax.data.device`: the split
 resident on the accelerator, cropped there; :func:`to_global` passes its arrays through.)
 
 Everything is a function of ``seed`` (and the process index): the same seed gives the
@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from colormae_jax import datasets
+from colormae_jax.data import sources as datasets
 from colormae_jax.errors import DataError
 
 MAE_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -250,7 +250,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         if 'step' not in state:
-            raise DataError(f'iterator state {state} was not saved by colormae_jax.data.make_train_iterator; '
+            raise DataError(f'iterator state {state} was not saved by colormae_jax.data.pipeline.make_train_iterator; '
                             f'start without restoring the data state, or restore a checkpoint written by this code')
         check_fingerprint(state, self._fingerprint)
         if self._it is not None:

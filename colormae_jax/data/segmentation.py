@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from colormae_jax import data as data_lib, datasets
+from colormae_jax.data import pipeline as data_lib, sources as datasets
 from colormae_jax.errors import DataError
 
 IGNORE = 255

@@ -5,9 +5,9 @@ MAE fine-tunes on ``RandomResizedCrop(scale 0.08-1, bicubic) -> hflip -> RandAug
 Mixup / CutMix with label smoothing on the batch. Here:
 
 * on the host, a grain transform, :class:`RandAugmentCropFlip`: crop, flip and RandAugment,
-  emitting uint8 images with the keys of :class:`colormae_jax.data.RandomResizedCropFlip`;
+  emitting uint8 images with the keys of :class:`colormae_jax.data.pipeline.RandomResizedCropFlip`;
 * on the device, jittable functions of an explicit ``jax.random`` key, in this order after
-  :func:`colormae_jax.data.normalize`: :func:`random_erasing`, then :func:`mixup_cutmix`
+  :func:`colormae_jax.data.pipeline.normalize`: :func:`random_erasing`, then :func:`mixup_cutmix`
   (which smooths the labels), and :func:`soft_cross_entropy` as the loss.
 
 RandAugment: timm's ``rand-m9-mstd0.5-inc1`` with MAE's settings. ``num_ops`` ops drawn
@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from PIL import Image, ImageEnhance, ImageOps
 
-from colormae_jax import data
+from colormae_jax.data import pipeline as data
 
 # ------------------------------------------------------------------------------ on the device
 
@@ -248,7 +248,7 @@ def rand_augment(img: Image.Image, rng: np.random.Generator, *, num_ops: int = 2
 
 
 class RandAugmentCropFlip(grain.transforms.RandomMap):
-    """Fine-tuning transform: :class:`colormae_jax.data.RandomResizedCropFlip` (decode,
+    """Fine-tuning transform: :class:`colormae_jax.data.pipeline.RandomResizedCropFlip` (decode,
     RandomResizedCrop to ``size`` with ``scale`` (MAE: 0.08-1), bicubic, flip) then
     :func:`rand_augment`. The same keys as that transform: ``image`` (uint8 [size, size, 3],
     or float32 normalised when ``mean`` / ``std`` are given), ``label``, ``index``, ``crop``

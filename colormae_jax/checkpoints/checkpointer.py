@@ -12,14 +12,14 @@ Each step directory holds five items:
               other items (see "Verification" below),
 and the task's extra items (e.g. a masking strategy's host state, the best accuracy).
 
-Verification: :func:`colormae_jax.checksums.fingerprints` reduces each array to 64 bits,
-the same whatever its sharding or process count (:mod:`colormae_jax.checksums`); the
+Verification: :func:`colormae_jax.checkpoints.checksums.fingerprints` reduces each array to 64 bits,
+the same whatever its sharding or process count (:mod:`colormae_jax.checkpoints.checksums`); the
 ``checksums`` item is written in the same orbax save as the step (so it commits atomically
 with it). On resume, :meth:`Checkpointer.restore_newest` restores and verifies the newest
 step; a step that fails either is renamed ``STEP.damaged`` (never deleted) and the previous
 one is tried; if none is left, :class:`CheckpointDamaged` says what to do.
 
-The readers of pre-trained params are in :mod:`colormae_jax.weights`.
+The readers of pre-trained params are in :mod:`colormae_jax.interop.weights`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from colormae_jax.checksums import (  # noqa: F401 - _keystr, fingerprints: also used as checkpoint.X
+from colormae_jax.checkpoints.checksums import (  # noqa: F401 - _keystr, fingerprints: also used as checkpoint.X
     CHECKSUMS,
     RECORD_VERSION,
     agree,

@@ -9,7 +9,7 @@ Two sources, both read as TFDS array_record data sources (random access, no Tens
 :func:`prepare` checks and (for a folder, the first time) prepares a dataset, once per process:
 later calls for the same dataset are a lookup. :func:`data_source` is a split's random-access
 source (images still encoded), :func:`num_examples` its size. The grain pipeline that reads
-these sources is :mod:`colormae_jax.data`.
+these sources is :mod:`colormae_jax.data.pipeline`.
 """
 from __future__ import annotations
 

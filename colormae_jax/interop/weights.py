@@ -2,7 +2,7 @@
 
 :func:`load_pretrained` (what ``config.init_from`` names), :func:`load_any_params` (a run, an
 import folder, a Hugging Face folder, a ``.pth`` / ``.safetensors`` file: foreign layouts through
-:mod:`colormae_jax.interop`), :func:`load_training_params` (a run's checkpoint, its params verified
+:mod:`colormae_jax.interop.torch_hf`), :func:`load_training_params` (a run's checkpoint, its params verified
 against the step's checksums), :func:`load_params` / :func:`save_params` (the import folder).
 """
 from __future__ import annotations
@@ -18,16 +18,17 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from colormae_jax import interop, model as model_lib
-from colormae_jax.checkpoint import CheckpointError
-from colormae_jax.checksums import (
+from colormae_jax.checkpoints.checkpointer import CheckpointError
+from colormae_jax.checkpoints.checksums import (
     CHECKSUMS,
     compare as _compare,
     error_summary as _one_line,
     expect as _expect,
     fingerprints,
 )
-from colormae_jax.errors import ConfigError
+from colormae_jax.errors import ConfigError, DataError
+from colormae_jax.interop import torch_hf as interop
+from colormae_jax.models import mae as model_lib
 
 Params = Any
 PARAMS_ITEM, CONFIG_FILE = 'params', 'mae_config.json'  # the folder save_params writes
@@ -172,3 +173,35 @@ def load_pretrained(init_from: str) -> tuple[dict, model_lib.MAEConfig, str]:
         return load_any_params(init_from)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ConfigError('init_from', f'cannot read pre-trained params from {init_from!r}: {e}') from None
+
+
+def run_config(source: str, step: int | None = None) -> tuple[str, int, dict] | None:
+    """(checkpoints folder, step, saved config) of a training run (``--workdir``, its
+    ``checkpoints`` folder or ``WORKDIR/checkpoints/STEP``; ``step``: None for the newest);
+    None for any other source. The config's ``task`` says which task wrote it."""
+    source = str(source)
+    m = re.match(r'^(.*?)/checkpoints/(\d+)/?$', source)
+    if m and step is None:
+        source, step = m.group(1), int(m.group(2))
+    directory = os.path.abspath(source)
+    if os.path.isdir(os.path.join(directory, 'checkpoints')):
+        directory = os.path.join(directory, 'checkpoints')
+    if not os.path.isdir(directory) or os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+        return None
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+    if not steps:
+        return None
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise DataError(f'{directory}: no step {step}; it has {steps}; name one of them (--step or '
+                        f'WORKDIR/checkpoints/STEP)')
+    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                item_handlers={'config': ocp.JsonCheckpointHandler()})
+    try:
+        cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    except Exception as e:  # noqa: BLE001 - a damaged step: one line
+        raise DataError(f'{directory}/{step}: cannot read its saved config ({type(e).__name__}); name another step '
+                        f'(WORKDIR/checkpoints/STEP)') from None
+    finally:
+        mgr.close()
+    return directory, step, cfg

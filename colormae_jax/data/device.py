@@ -10,7 +10,7 @@ accelerator memory (CIFAR-10/100, STL-10, Tiny ImageNet, any prepared folder or 
   gets its own RandomResizedCrop box (torchvision's ten tries with its fallback, vectorised:
   :func:`sample_boxes`), bicubic resize with antialiasing (as PIL), and a 50/50 flip. The batch
   carries ``index``, ``crop`` and ``flip`` exactly as the grain pipeline's
-  (:class:`colormae_jax.data.RandomResizedCropFlip`), so FAMT aligns its maps the same way.
+  (:class:`colormae_jax.data.pipeline.RandomResizedCropFlip`), so FAMT aligns its maps the same way.
 * :class:`DeviceTrainIterator`'s state is ``(epoch, position)``: checkpointed as grain's
   iterators are, it resumes exactly.
 * :func:`eval_batches`: one pass in order over a resident split (centre crops or whole images
@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from colormae_jax import data, datasets, parallel
+from colormae_jax import parallel
+from colormae_jax.data import pipeline as data, sources as datasets
 from colormae_jax.errors import ConfigError, DataError
 
 KEY = 0x5EED  # the data streams: jax.random.PRNGKey(KEY), folded with the seed, then the epoch
@@ -208,7 +209,7 @@ def sample_boxes(key: jax.Array, b: int, h: int, w: int, scale=(0.2, 1.0), ratio
     ``tries`` draws each of an area fraction ~ U(scale) and a log-uniform aspect ratio, sides
     rounded half to even (Python's ``round``); the first try that fits wins, at a uniform
     position; none fits: the largest centred crop with its aspect ratio in ``ratio``
-    (:func:`colormae_jax.data.random_resized_crop_box`). Returns int32 (top, left, height, width) [b]."""
+    (:func:`colormae_jax.data.pipeline.random_resized_crop_box`). Returns int32 (top, left, height, width) [b]."""
     u = jax.random.uniform(key, (b * (2 * tries + 2),)).reshape(b, 2 * tries + 2)
     target = (h * w) * (scale[0] + (scale[1] - scale[0]) * u[:, :tries])
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
@@ -413,7 +414,7 @@ def _eval_view(size: int, box: tuple, mean, std, sharding):
 def eval_batches(data_cfg, *, split: str, global_batch_size: int, mesh, view: str = 'center_crop',
                  limit: int = 0) -> Iterator[dict]:
     """One pass in order over the resident ``split`` (the first ``limit`` examples when set):
-    the keys of :func:`colormae_jax.data.make_eval_iterator`; ``image`` a global array sharded
+    the keys of :func:`colormae_jax.data.pipeline.make_eval_iterator`; ``image`` a global array sharded
     over the batch axes, ``label`` / ``index`` / ``valid`` numpy (padding rows: ``valid`` False)."""
     res = resident(data_cfg, split, mesh)
     used = min(res.n, limit) if limit else res.n

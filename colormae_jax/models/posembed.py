@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from colormae_jax import model as model_lib
+from colormae_jax.models import mae as model_lib
 
 A = -0.75  # PyTorch's cubic convolution coefficient (jax.image.resize uses -0.5)
 

@@ -5,7 +5,7 @@ timm and Hugging Face transformers ``ViTMAEForPreTraining``, in ``.pth`` or ``.s
 -> our params and an :class:`ImportReport`), :func:`import_torch` (the same for a state dict whose model is
 given), :func:`export_state_dict` / :func:`export_torch` (our params -> a state dict / a file),
 :func:`export_hf` (our params -> a folder ``ViTMAEForPreTraining.from_pretrained`` loads). The command
-line is :mod:`colormae_jax.tools.convert`; :mod:`colormae_jax.weights` reads these sources as
+line is :mod:`colormae_jax.tools.convert`; :mod:`colormae_jax.interop.weights` reads these sources as
 ``init_from``. Key maps, what was verified and what was assumed: ``docs/interop.md``.
 
 Every name is mapped through the official MAE key (``models_mae.MaskedAutoencoderViT``): each of our
@@ -13,7 +13,7 @@ parameters has one official key (:func:`official_keys`), and :func:`layout_key` 
 key into another layout (Hugging Face's separate q / k / v go through :func:`hf_to_official` /
 :func:`official_to_hf`). Tensors change form in one of three ways: a Linear weight ``[out, in]`` is our
 kernel transposed, the patch-embedding conv ``[D, C, p, p]`` is our kernel ``[p*p*C, D]`` (pixels in
-:func:`colormae_jax.model.patchify` order), and everything else is copied. Position embeddings are fixed
+:func:`colormae_jax.models.mae.patchify` order), and everything else is copied. Position embeddings are fixed
 sin-cos constants in our model: an imported ``pos_embed`` is only compared with ours, an exported one is
 our table with MAE's zero row for the [CLS] token.
 """
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from colormae_jax import model as model_lib
+from colormae_jax.models import mae as model_lib
 
 LAYOUTS = ('mae', 'mmpretrain', 'timm')  # renamed key by key from the official names
 HF = 'hf'  # Hugging Face transformers ViTMAE (v4 or v5 names), through hf_to_official / official_to_hf
@@ -91,7 +91,7 @@ def _blocks(key: str, path: Path, depth: int) -> list[Entry]:
 
 
 def official_keys(c: model_lib.MAEConfig, *, decoder: bool = True) -> list[Entry]:
-    """Every parameter of :class:`colormae_jax.model.MAE` with its key in the official MAE state dict."""
+    """Every parameter of :class:`colormae_jax.models.mae.MAE` with its key in the official MAE state dict."""
     enc = ('encoder',)
     out = [Entry('cls_token', (*enc, 'cls_token'), 'copy'),
            Entry('patch_embed.proj.weight', (*enc, 'patch_embed', 'kernel'), 'conv'),
@@ -525,7 +525,7 @@ def infer_config(state_dict: Mapping[str, Any], layout: str | None = None,
     """The :class:`MAEConfig` a state dict's shapes describe, and notes on what was assumed.
 
     ``given`` (MAEConfig fields) wins over the shapes. Heads are not in the shapes: unless given, the
-    encoder's come from :data:`colormae_jax.model.VARIANTS` (matched on width, depth and MLP width) and
+    encoder's come from :data:`colormae_jax.models.mae.VARIANTS` (matched on width, depth and MLP width) and
     the decoder's from MAE's published decoder (512 wide, 8 deep, 16 heads). The image size comes from
     ``pos_embed`` (224 if there is none). Hugging Face names without their ``config.json``: transformers'
     defaults, LayerNorm epsilon 1e-12 and ``norm_pix_loss`` False, unless given.

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from colormae_jax import model as model_lib
+from colormae_jax.models import mae as model_lib
 
 IGNORE_INDEX = 255
 

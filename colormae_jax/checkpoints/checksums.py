@@ -2,8 +2,8 @@
 
 :func:`fingerprints` reduces each array, in a jitted integer sum that does not depend on the
 sharding or the process count, to 64 bits; :func:`digest` hashes a JSON item (config, layout,
-an iterator state). :mod:`colormae_jax.checkpoint` writes the record (the ``checksums`` item)
-in the same orbax save as the step and verifies it on restore; :mod:`colormae_jax.weights`
+an iterator state). :mod:`colormae_jax.checkpoints.checkpointer` writes the record (the ``checksums`` item)
+in the same orbax save as the step and verifies it on restore; :mod:`colormae_jax.interop.weights`
 verifies the params it reads. :func:`compare`, :func:`expect` and :func:`agree` turn a
 comparison into the one-line reason a damaged step is set aside for.
 """

@@ -6,7 +6,7 @@ and the decoder runs on ``[cls, visible..., mask tokens at masked positions...]`
 position embeddings gathered by index. Thrown patches are never computed anywhere.
 
 :func:`abstract_mae` and :func:`init_mae_params` build the parameters as a pure dict. The
-classification heads on the encoder are in :mod:`colormae_jax.classifier`.
+classification heads on the encoder are in :mod:`colormae_jax.models.classifier`.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def _xavier():
 # maths in forms that XLA:CPU executes faster: each has a written-out backward (``jax.custom_vjp``)
 # that avoids the slow operand layouts. Parameters, their tree and their values are the same; the
 # results equal the plain forms to float rounding (tests/test_fast_forms.py). ``CPU_FORMS`` names
-# the forms in use; benchmarks/cpu_forms.py switches them one at a time (benchmarks/NOTES.md).
+# the forms in use; benchmarks/cpu_forms.py switches them one at a time (docs/benchmarks.md).
 CPU_FORM_NAMES = ('attention', 'layernorm', 'dense')
 # 'dense' (a written-out Linear backward) showed no consistent gain on the 2-core VM: opt-in.
 CPU_FORMS = frozenset({'attention', 'layernorm'})

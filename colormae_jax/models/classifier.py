@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from colormae_jax.model import MAEConfig, ViTEncoder
+from colormae_jax.models.mae import MAEConfig, ViTEncoder
 
 CLASSIFIER_POOLS = ('mean', 'cls')
 

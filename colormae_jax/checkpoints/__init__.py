@@ -1,0 +1,1 @@
+"""Verified, atomic checkpoints; checksums; the workdir lock."""

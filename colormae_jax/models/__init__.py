@@ -1,0 +1,1 @@
+"""The networks: the MAE ViT, classification heads, UperNet, position tables."""
