@@ -13,6 +13,8 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from colormae_jax.tools import absl_help
+
 import benchlib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Config to time.')
@@ -145,4 +147,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    absl_help()
     app.run(main)

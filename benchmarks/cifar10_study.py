@@ -37,6 +37,7 @@ import time
 from absl import app, flags, logging
 
 from colormae_jax import config_lib, defaults
+from colormae_jax.tools import absl_help
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs')
 
@@ -47,8 +48,10 @@ ARMS = {'amt': ('famt', {'mask.famt.freq_weight': 0.0})}
 _PRESET = flags.DEFINE_enum('preset', 'smoke', ['smoke', 'full'], 'smoke: CPU minutes; full: one GPU.')
 _STRATEGIES = flags.DEFINE_list('strategies', list(STRATEGIES), f'Subset of {STRATEGIES}, run in this order.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (repeats).')
-_OUT = flags.DEFINE_string('out', 'study_out', 'Output folder (workdirs, results).')
-_ROOT = flags.DEFINE_string('root', '../shared/data/cifar10', 'CIFAR-10 folder (<root>/{train,test}/<class>/*).')
+_OUT = flags.DEFINE_string('out', 'study_out', 'Output folder (workdirs, results; study_out/ is git-ignored).')
+DEFAULT_ROOT = '../shared/data/cifar10'
+_ROOT = flags.DEFINE_string('root', DEFAULT_ROOT, 'CIFAR-10 folder (<root>/{train,test}/<class>/*; the default is read '
+                            'from the repository root when the working directory lacks it).')
 _DATA_DIR = flags.DEFINE_string('data_dir', '',
                                  'Where array_record files are prepared (default ~/tensorflow_datasets).')
 _FINETUNE = flags.DEFINE_bool('finetune', False, 'Also fine-tune every encoder.')
@@ -65,7 +68,14 @@ CIFAR10_TRAIN = 50000
 # compilations, the decoded split placed, the kNN monitor and the linear probe.
 OVERHEAD_S = {'start': 120.0, 'per_run': 45.0}
 
-# Pre-training per preset. smoke: a tiny model, a few steps; full: ViT-Ti/4, 200 epochs, bf16.
+# The smoke preset on the CPU, fitted to the smoke study measured on a 2-core CPU VM (2026-11-29,
+# docs/benchmarks.md: 2 min 9 s for the 7 runs): the start, each run (compilations, 40 steps, two kNN
+# monitors, the probe), and the weight pass of FAMT and AMT over the 50,000 training images.
+SMOKE_CPU_S = {'start': 8.0, 'per_run': 12.0, 'famt_pass': 18.0}
+TI4_CPU_IMG_PER_S = 110.0  # ViT-Ti/4 pre-training on that VM (README, 2026-11-29): what the full preset costs there
+
+# Pre-training per preset. smoke: a tiny model, a few steps; full: ViT-Ti/4 in bf16 on the 200-epoch recipe of
+# configs/cifar10.py, its epochs then sized to the window by plan() (26 for the 7 runs at the default estimate).
 PRETRAIN = {
     'smoke': {'model.variant': 'mu/4', 'model.decoder.width': 32, 'model.decoder.depth': 1, 'model.decoder.heads': 2,
               'batch_size': 64, 'total_steps': 40, 'warmup_steps': 4, 'base_lr': 1e-2, 'log_every_steps': 10,
@@ -112,18 +122,61 @@ def _runs() -> int:
     return len(_STRATEGIES.value) * len(_SEEDS.value)
 
 
-def dry_run() -> str:
-    p = plan(_PRESET.value, _runs(), _IMG_PER_S.value, _WINDOW_S.value)
-    lines = [f"preset {_PRESET.value}: {_runs()} runs ({','.join(_STRATEGIES.value)} x seeds "
-             f"{','.join(_SEEDS.value)}), at {_IMG_PER_S.value:g} img/s (estimate unless measured), budget "
-             f'{_WINDOW_S.value:g} s']
+def dry_run(backend: str) -> str:
+    """The plan, costed for ``backend`` (jax.default_backend()): the smoke preset at the CPU's measured
+    times (its cost on an accelerator is unmeasured), the full preset at ``--img_per_s``."""
+    runs = f"{_runs()} runs ({','.join(_STRATEGIES.value)} x seeds {','.join(_SEEDS.value)})"
+    if _PRESET.value == 'smoke':
+        p = PRETRAIN['smoke']
+        what = f"{p['total_steps']} steps of {p['batch_size']} = {p['total_steps'] * p['batch_size']:,} images"
+        cpu = {s: SMOKE_CPU_S['per_run'] + (SMOKE_CPU_S['famt_pass'] if s in ('famt', 'amt') else 0.0)
+               for s in _STRATEGIES.value}
+        total = SMOKE_CPU_S['start'] + len(_SEEDS.value) * sum(cpu.values())
+        basis = ('on this cpu backend, at the times measured on a 2-core CPU VM (2026-11-29: 2 min 9 s for the 7 '
+                 'runs)' if backend == 'cpu' else f'on {backend}: unmeasured there, the times are those of a 2-core '
+                 f'CPU VM (2026-11-29), an upper bound')
+        lines = [f'preset smoke: {runs}, {basis}']
+        for s in _STRATEGIES.value:
+            for seed in _SEEDS.value:
+                lines.append(f"  {s}/seed{seed}: {what}, about {cpu[s]:.0f} s (compilations, kNN monitor, probe"
+                             f"{', FAMT weight pass' if s in ('famt', 'amt') else ''})")
+        lines.append(f"total: about {total:.0f} s ({total / 60:.1f} min, {SMOKE_CPU_S['start']:.0f} s start "
+                     f"included)")
+        return '\n'.join(lines)
+    p = plan('full', _runs(), _IMG_PER_S.value, _WINDOW_S.value)
+    rate = ('given by --img_per_s' if flags.FLAGS['img_per_s'].present else
+            'the default: an estimate for ViT-Ti/4 in bf16 on one H200, unmeasured; --img_per_s sets it')
+    sch = _full_schedule(p['epochs'])
+    lines = [f'preset full: {runs}, at {_IMG_PER_S.value:g} img/s ({rate}), budget {_WINDOW_S.value:g} s',
+             f"{p['epochs']:g} epochs per mask: the 200-epoch recipe of configs/cifar10.py scaled to the budget "
+             f"(warm-up {sch['warmup_epochs']:.3g}, kNN every {sch['knn.every_epochs']:.3g}, FAMT's weights before "
+             f"epoch {sch['mask.famt.warmup_epochs']:.3g}, then every {sch['mask.famt.update_every_epochs']:.3g})"]
     for s in _STRATEGIES.value:
         for seed in _SEEDS.value:
             lines.append(f"  {s}/seed{seed}: {p['epochs']:g} epochs = {p['images']:,.0f} images, pre-training "
                          f"{p['pretrain_s']:.0f} s + {OVERHEAD_S['per_run']:.0f} s compile/kNN/probe")
     lines.append(f"total: {p['total_s']:.0f} s ({p['total_s'] / 60:.1f} min, {OVERHEAD_S['start']:.0f} s start "
                  f"included)")
+    if backend == 'cpu':
+        hours = _runs() * p['images'] / TI4_CPU_IMG_PER_S / 3600
+        lines.append(f'this backend is cpu: the full preset is sized for one GPU; ViT-Ti/4 pre-trains at about '
+                     f'{TI4_CPU_IMG_PER_S:g} img/s on a 2-core CPU VM, so these runs would take about {hours:.0f} h '
+                     f'here (the smoke preset is the CPU one)')
     return '\n'.join(lines)
+
+
+def data_root() -> str | None:
+    """--root, or the default read from the repository root when the working directory is elsewhere;
+    None (after one error line) when it is not a CIFAR-10 folder."""
+    root = _ROOT.value
+    if not flags.FLAGS['root'].present and not os.path.isdir(root):
+        root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', DEFAULT_ROOT))
+    if os.path.isdir(os.path.join(root, 'train')):
+        return root
+    shown = root if os.path.isabs(root) else f'{root} (read from the working directory, {os.getcwd()})'
+    sys.stderr.write(f'error: --root {shown}: no train/ folder in it; give the CIFAR-10 folder '
+                     f'(<root>/{{train,test}}/<class>/*.jpg) as an absolute path, e.g. --root=/data/cifar10\n')
+    return None
 
 
 def _set(c, key: str, value) -> None:
@@ -137,7 +190,7 @@ def _set(c, key: str, value) -> None:
 def pretrain_config(arm: str, seed: int):
     smoke = _PRESET.value == 'smoke'
     strategy, settings = ARMS.get(arm, (arm, {}))
-    c = config_lib.load_config_file(os.path.join(CONFIGS, 'cifar10.py') + f':mask={strategy},root={_ROOT.value}'
+    c = config_lib.load_config_file(os.path.join(CONFIGS, 'cifar10.py') + f':mask={strategy},root={_root()}'
                                     + (',smoke' if smoke else ''))
     sized = {}
     if not smoke:
@@ -166,7 +219,7 @@ def _apply(c, items):
 
 def eval_config(task: str, init_from: str, seed: int):
     smoke = _PRESET.value == 'smoke'
-    c = config_lib.load_config_file(os.path.join(CONFIGS, 'cifar10_eval.py') + f':task={task},root={_ROOT.value}'
+    c = config_lib.load_config_file(os.path.join(CONFIGS, 'cifar10_eval.py') + f':task={task},root={_root()}'
                                     + (',smoke' if smoke else ''))
     for k, v in EVAL[_PRESET.value][task].items():
         _set(c, k, v)
@@ -209,7 +262,8 @@ def run_study(out: str) -> dict:
                 left = remaining()
                 res = main.run(pretrain_config(strategy, seed), os.path.join(wd, 'pretrain'),
                                                deadline=None if left is None else time.time() + left - 20)
-                if res['step'] < res['trainer'].total_steps:  # stopped by the time budget: resume next call
+                # stopped by the time budget or SIGTERM (during the final kNN too): resume next call
+                if res['step'] < res['trainer'].total_steps or res.get('preempted'):
                     raise OutOfTime()
                 r['pretrain_s'] = round(time.perf_counter() - t0, 1)
                 r['pretrain_steps'] = res['step']
@@ -227,7 +281,7 @@ def run_study(out: str) -> dict:
                 ev = main.run(eval_config(task, os.path.join(wd, 'pretrain'), seed),
                                               os.path.join(wd, task),
                                               deadline=None if left is None else time.time() + left - 20)
-                if ev.get('step', 0) < ev.get('total_steps', 0):
+                if ev.get('step', 0) < ev.get('total_steps', 0) or ev.get('preempted'):
                     raise OutOfTime()
                 r.update(ev['results'])
                 r[f'{task}_done'] = True
@@ -309,11 +363,24 @@ def _plot(out: str, results: dict, summary: dict) -> None:
     plt.close(fig)
 
 
+_RESOLVED: dict = {}
+
+
+def _root() -> str:
+    return _RESOLVED.get('root', _ROOT.value)
+
+
 def main(argv):
     del argv
     if _DRY_RUN.value:
-        print(dry_run())
+        import jax
+        logging.set_verbosity(logging.WARNING)  # JAX's INFO about a missing libtpu
+        print(dry_run(jax.default_backend()))
         return
+    root = data_root()
+    if root is None:
+        sys.exit(2)
+    _RESOLVED['root'] = root
     logging.get_absl_logger().addFilter(
         lambda r: r.levelno >= 30 or ('/orbax/' not in r.pathname and '/grain/' not in r.pathname))
     try:
@@ -327,4 +394,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    absl_help()
     app.run(main)

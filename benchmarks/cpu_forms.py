@@ -17,6 +17,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from colormae_jax.tools import absl_help
+
 import benchlib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Config to time.')
@@ -108,4 +110,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    absl_help()
     app.run(main)

@@ -30,9 +30,25 @@ Cases (``--cases``; ``--tries N`` caps the tries of each, for a quick version):
              after the other), and the second started while the first is at step 2 and at
              step 20 (held there by SIGSTOP): the second must be refused within seconds (exit
              2, naming the holder), the first must finish as the reference.
+  data       the data side, on a 3,000-image folder with 8-step runs of the smoke model (random
+             masks) judged against uninterrupted grain and device-pipeline runs: the folder
+             changed after it was prepared (one image replaced; a cat and a dog image swapped)
+             must be refused naming the images, then prepared again with
+             ``data.reprepare=True`` as a fresh preparation; the prepared data damaged (shard
+             truncated, a byte flipped, shard deleted, dataset_info.json deleted) must be
+             refused before anything trains, naming the file, then prepared again and resumed;
+             the device cache damaged (4 KiB inverted, the images at 16x16, zeros, truncated)
+             must be decoded again with a warning; a file-size limit (ulimit -f) or a full disk
+             (a small tmpfs) while preparing or saving, an unwritable data_dir and a read-only
+             checkpoints/ must be one ``error:`` line with exit 2, nothing lost, and the relaunch
+             must end as the reference; two runs preparing one data_dir take turns; SIGTERM
+             while preparing or decoding must exit 75 with nothing left behind; kill -9 while
+             writing the array_record leaves leftovers that the relaunch removes. The full
+             disk and read-only rows need root (mounts); they are skipped otherwise.
 
   python benchmarks/faults.py --out benchmarks/results/faults_cpu.json
   python benchmarks/faults.py --cases kill,damage --tries 2        # a quick version
+  python benchmarks/faults.py --cases data --out benchmarks/results/faults_data_cpu.json
 """
 from __future__ import annotations
 
@@ -60,7 +76,7 @@ import benchlib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 40
 STOPPED_AT = 16  # the damage cases start from the reference cut back to this step
-CASES = ('kill', 'term', 'damage', 'flip', 'concurrent')
+CASES = ('kill', 'term', 'damage', 'flip', 'concurrent', 'data')
 DAMAGE_KINDS = ('truncated_array', 'no_manifest', 'no_process_0', 'empty_step', 'junk_iterator', 'random_bytes')
 DAMAGE_NAMES = {'truncated_array': 'array file truncated to 0 bytes', 'no_manifest': 'manifest.ocdbt deleted',
                 'no_process_0': 'ocdbt.process_0/ deleted', 'empty_step': 'empty step folder',
@@ -97,11 +113,17 @@ def make_folder(root: str, per_class: int = 32, seed: int = 0) -> str:
 class Launch:
     """``python -m colormae_jax.main FLAGS --workdir=WD`` with its stderr read as it comes."""
 
-    def __init__(self, wd: str, flags: list[str], env: dict | None = None):
+    count = 0  # launches so far
+
+    def __init__(self, wd: str, flags: list[str], env: dict | None = None, file_size_limit_kib: int | None = None):
         self.wd, self.t0 = wd, time.monotonic()
         self.tb_before = set(glob.glob(os.path.join(wd, 'tb', 'events.*')))
-        self.p = subprocess.Popen([sys.executable, '-m', 'colormae_jax.main', *flags, f'--workdir={wd}'], cwd=REPO,
-                                  env=env or launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cmd = [sys.executable, '-m', 'colormae_jax.main', *flags, f'--workdir={wd}']
+        if file_size_limit_kib is not None:  # as a shell does it: ulimit -f, then the command
+            cmd = ['bash', '-c', f'ulimit -f {int(file_size_limit_kib)} && exec "$0" "$@"', *cmd]
+        self.p = subprocess.Popen(cmd, cwd=REPO, env=env or launch_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        Launch.count += 1
         self._chunks: list[bytes] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -236,22 +258,26 @@ def read_params(wd: str, step: int) -> dict:
 
 
 class Reference:
-    """The uninterrupted run: its losses, final checksum record and params."""
+    """The uninterrupted run: its losses, final checksum record and params. ``parts``: the parts
+    of the checksum record compared (the data rows leave out the config, which names their own
+    data_dir)."""
 
-    def __init__(self, wd: str, losses: dict[int, float], steps: list[str]):
-        self.wd, self.losses, self.steps = wd, losses, steps
-        self.record = read_record(wd, TOTAL_STEPS)
-        self.params = read_params(wd, TOTAL_STEPS)
+    def __init__(self, wd: str, losses: dict[int, float], steps: list[str], total: int | None = None,
+                 parts: tuple[str, ...] = ('state', 'extra', 'data', 'layout', 'config')):
+        total = total or TOTAL_STEPS
+        self.wd, self.losses, self.steps, self.total, self.parts = wd, losses, steps, total, parts
+        self.record = read_record(wd, total)
+        self.params = read_params(wd, total)
 
     def final_state_differs(self, wd: str) -> str | None:
         """What differs from the reference's final state (None: bitwise equal)."""
-        if not os.path.isdir(os.path.join(wd, 'checkpoints', str(TOTAL_STEPS))):
-            return f'no step {TOTAL_STEPS}'
-        rec = read_record(wd, TOTAL_STEPS)
-        for part in ('state', 'extra', 'data', 'layout', 'config'):
+        if not os.path.isdir(os.path.join(wd, 'checkpoints', str(self.total))):
+            return f'no step {self.total}'
+        rec = read_record(wd, self.total)
+        for part in self.parts:
             if rec.get(part) != self.record.get(part):
                 return f'checksum record: {part} differs'
-        got = read_params(wd, TOTAL_STEPS)
+        got = read_params(wd, self.total)
         bad = [k for k in self.params if k not in got or not np.array_equal(got[k].view(np.uint8),
                                                                               self.params[k].view(np.uint8))]
         return f'params differ: {bad[:3]}' if bad else None
@@ -273,7 +299,7 @@ def judge(ref: Reference, wd: str, launches: list[Launch], before: list[str],
             why.append(d)
         logged.update(losses)
     start = _resumed_at(launches[-1].err) or 0  # the last launch logged every step it ran
-    missing = [s for s in range(start + 1, TOTAL_STEPS + 1) if s not in logged]
+    missing = [s for s in range(start + 1, ref.total + 1) if s not in logged]
     if missing:
         why.append(f'steps without a logged loss: {missing[:5]}')
     if (d := ref.final_state_differs(wd)) is not None:
@@ -570,6 +596,443 @@ class Bench:
                             'why': '; '.join(why)})
         self.add('two runs on one workdir', results)
 
+    # -- data: prepared data, the device cache, storage, preparation under faults
+    def _data_setup(self) -> None:
+        """The 3,000-image folder, prepared once (the grain reference) and decoded once (the
+        device reference): uninterrupted runs of :func:`data_flags`."""
+        self.mounts = Mounts()
+        self.can_mount = Mounts.available()
+        self.big = make_folder(os.path.join(self.work, 'big'), per_class=DATA_PER_CLASS)
+        self.data_refs, self.data_dirs = {}, {}
+        for pipeline in ('grain', 'device'):
+            wd, dd = self.workdir(f'data_reference_{pipeline}'), os.path.join(self.work, f'tfds_{pipeline}')
+            if pipeline == 'device':
+                shutil.copytree(self.data_dirs['grain'], dd)  # prepared already: only decoded here
+            la = Launch(wd, data_flags(self.big, dd, pipeline))
+            if la.wait() != 0:
+                raise RuntimeError(f'the {pipeline} data reference failed:\n{la.err[-3000:]}')
+            self.data_refs[pipeline] = Reference(wd, la.losses(), step_folders(wd), DATA_TOTAL,
+                                                 parts=('state', 'extra', 'data'))
+            self.data_dirs[pipeline] = dd
+            self.log(f'data reference ({pipeline}): {DATA_TOTAL} steps in {la.seconds:.1f} s')
+
+    def _data_dir(self, name: str, like: str | None = None) -> str:
+        """A data_dir for one try: a copy of the grain or device reference's, or empty (None)."""
+        dd = os.path.join(self.work, f'tfds_{self._n:02d}_{name}')
+        if like is not None:
+            shutil.copytree(self.data_dirs[like], dd)
+        return dd
+
+    def _stopped(self, name: str, pipeline: str) -> tuple[str, list[str]]:
+        """A workdir holding the data reference's steps up to :data:`DATA_STOP`."""
+        wd = self.workdir(name)
+        return wd, stopped_copy(self.data_refs[pipeline], wd, DATA_STOP)
+
+    @staticmethod
+    def _refusal(la: Launch, names: tuple[str, ...] = (), trained_ok: bool = False) -> str:
+        """Why ``la`` is not a clear refusal: exit 2, one ``error:`` line (naming ``names``), no
+        traceback, nothing trained (unless ``trained_ok``), the workdir's lock released."""
+        why = []
+        if la.p.returncode != 2:
+            why.append(f'exit code {la.p.returncode}, not 2')
+        errors = la.error_lines()
+        if len(errors) != 1 or 'Traceback' in la.err:
+            at = la.err.find('Traceback')
+            why.append(f'not one error line: {errors[-2:] or la.err[-300:]}' +
+                       (f'; a traceback: {la.err[max(0, at - 300):at + 1500]}' if at >= 0 else ''))
+        elif any(n not in errors[0] for n in names):
+            why.append(f'the line does not name {[n for n in names if n not in errors[0]]}: {errors[0][:300]}')
+        if not trained_ok and _last_logged(la.err):
+            why.append('it trained before refusing')
+        if os.path.exists(os.path.join(la.wd, 'run.lock')):
+            why.append('run.lock left behind')
+        return '; '.join(why)
+
+    def _finish(self, r: dict, ref: Reference, wd: str, launches: list[Launch], before: list[str]) -> dict:
+        ok, lost, why = judge(ref, wd, launches, before)
+        if launches[-1].p.returncode != 0:
+            why = f'the last launch ended with {launches[-1].p.returncode}: {launches[-1].err[-300:]}; ' + why
+        r['why'] = '; '.join(x for x in (r.get('why', ''), why) if x)
+        r['lost'] = lost
+        r['survived'] = not r['why'] and not lost and launches[-1].p.returncode == 0
+        r['seconds'] = round(sum(la.seconds for la in launches), 1)
+        return r
+
+    def _row(self, key: str, results: list[dict]) -> None:
+        self.add(DATA_NAMES[key], results)
+
+    def data_folder_changed(self, kind: str) -> dict:
+        """Prepared, then the folder changed: refused naming the images; relaunched with
+        data.reprepare=True: prepared again, as a fresh preparation of the changed folder."""
+        root = shutil.copytree(self.big, os.path.join(self.work, f'imgs_{kind}'), copy_function=shutil.copy2)
+        dd = self._data_dir(kind)
+        prepare_only(root, dd)
+        wd = self.workdir(kind)
+        paths = change_folder(root, kind)
+        la = Launch(wd, data_flags(root, dd))
+        la.wait()
+        why = self._refusal(la, tuple(os.path.join(root, p) for p in paths))
+        again = Launch(wd, data_flags(root, dd, 'grain', '--config.data.reprepare=True'))
+        if again.wait() != 0:
+            why += f'; the relaunch with data.reprepare=True ended with {again.p.returncode}'
+        if prepare_only(root, dd) != prepare_only(root, self._data_dir(f'{kind}_fresh')):
+            why += '; prepared again, the examples differ from a fresh preparation of the changed folder'
+        return {'what': f'{kind}: {", ".join(paths)}', 'error': (la.error_lines() or [''])[-1][:300],
+                'survived': not why.strip('; '), 'lost': [], 'why': why.strip('; '),
+                'seconds': round(la.seconds + again.seconds, 1)}
+
+    def data_prepared_damaged(self, kind: str) -> dict:
+        """A run stopped at step 4, its prepared data damaged: refused naming the file, nothing
+        trained; relaunched with data.reprepare=True: resumes and ends as the reference."""
+        wd, before = self._stopped(kind, 'grain')
+        dd = self._data_dir(kind, like='grain')
+        data_dir = glob.glob(os.path.join(dd, 'image_folder', '*', '*'))[0]
+        path = damage_prepared(data_dir, kind)
+        la = Launch(wd, data_flags(self.big, dd))
+        la.wait()
+        r = {'what': f'{kind}: {path}', 'error': (la.error_lines() or [''])[-1][:300],
+             'why': self._refusal(la, (path,))}
+        again = Launch(wd, data_flags(self.big, dd, 'grain', '--config.data.reprepare=True'))
+        again.wait()
+        return self._finish(r, self.data_refs['grain'], wd, [again], before)
+
+    def data_cache_damaged(self, kind: str) -> dict:
+        """A device-pipeline run stopped at step 4, its cache damaged: a warning, decoded again,
+        the run ends as the device reference."""
+        wd, before = self._stopped(f'cache_{kind}', 'device')
+        dd = self._data_dir(f'cache_{kind}', like='device')
+        images = glob.glob(os.path.join(dd, 'image_folder', '*', '*', 'decoded', 'train_images.npy'))[0]
+        damage_cache(images, kind)
+        la = Launch(wd, data_flags(self.big, dd, 'device'))
+        la.wait()
+        warning = next((x.split('] ', 1)[-1] for x in la.err.splitlines() if 'decoding the split again' in x), '')
+        r = {'what': kind, 'warning': warning[:300], 'why': '' if warning else 'no warning'}
+        return self._finish(r, self.data_refs['device'], wd, [la], before)
+
+    def data_file_size(self, when: str) -> dict:
+        """ulimit -f while preparing (an empty data_dir) or while saving (prepared already): one
+        line, exit 2, nothing half-written; relaunched without the limit: the reference."""
+        wd = self.workdir(f'fsize_{when}')
+        dd = self._data_dir(f'fsize_{when}', like=None if when == 'prepare' else 'grain')
+        la = Launch(wd, data_flags(self.big, dd), file_size_limit_kib=100)
+        la.wait()
+        r = {'what': f'file-size limit 100 KiB while {when}', 'error': (la.error_lines() or [''])[-1][:300],
+             'why': self._refusal(la, ('File too large', 'ulimit'), trained_ok=when == 'save')}
+        if leftovers(dd):
+            r['why'] += f'; left behind: {leftovers(dd)}'
+        before = step_folders(wd)
+        again = Launch(wd, data_flags(self.big, dd))
+        again.wait()
+        return self._finish(r, self.data_refs['grain'], wd, [again], before)
+
+    def data_full_disk(self, when: str) -> dict:
+        """A tmpfs too small for the prepared data (data_dir) or for the second checkpoint
+        (workdir): one line, exit 2; the disk enlarged, the relaunch ends as the reference."""
+        wd = self.workdir(f'full_{when}')
+        if when == 'prepare':
+            dd = self.mounts.tmpfs(self._data_dir('full_prepare'), '2m')
+        else:
+            dd = self._data_dir('full_save', like='grain')
+            self.mounts.tmpfs(wd, '1m')
+        la = Launch(wd, data_flags(self.big, dd))
+        la.wait()
+        r = {'what': f'tmpfs full while {when}', 'error': (la.error_lines() or [''])[-1][:300],
+             'why': self._refusal(la, ('No space left on device',), trained_ok=when == 'save')}
+        if leftovers(dd):
+            r['why'] += f'; left behind: {leftovers(dd)}'
+        before = step_folders(wd)
+        self.mounts.resize(dd if when == 'prepare' else wd, '256m')
+        again = Launch(wd, data_flags(self.big, dd))
+        again.wait()
+        out = self._finish(r, self.data_refs['grain'], wd, [again], before)
+        self.mounts.release(dd if when == 'prepare' else wd)
+        return out
+
+    def data_read_only_data_dir(self) -> dict:
+        """An empty data_dir this user cannot write (a read-only tmpfs): one line naming it."""
+        wd = self.workdir('ro_data_dir')
+        dd = self.mounts.tmpfs(self._data_dir('ro_data_dir'), '1m', ro=True)
+        la = Launch(wd, data_flags(self.big, dd))
+        la.wait()
+        out = {'what': 'read-only tmpfs as data_dir', 'error': (la.error_lines() or [''])[-1][:300],
+               'why': self._refusal(la, (dd, '--config.data.data_dir')), 'lost': [], 'seconds': round(la.seconds, 1)}
+        out['survived'] = not out['why']
+        self.mounts.release(dd)
+        return out
+
+    def data_read_only_checkpoints(self) -> dict:
+        """A run stopped at step 4 whose checkpoints/ is mounted read-only: refused before
+        anything trains, nothing changed; writable again, the relaunch ends as the reference."""
+        wd, before = self._stopped('ro_checkpoints', 'grain')
+        dd = self._data_dir('ro_checkpoints', like='grain')
+        ckpt = os.path.join(wd, 'checkpoints')
+        digest = tree_digest(ckpt)
+        self.mounts.read_only(ckpt)
+        la = Launch(wd, data_flags(self.big, dd))
+        la.wait()
+        r = {'what': 'checkpoints/ bind-mounted read-only', 'error': (la.error_lines() or [''])[-1][:300],
+             'why': self._refusal(la, (ckpt,)), 'refused_after_s': round(la.seconds, 1)}
+        self.mounts.release(ckpt)
+        if tree_digest(ckpt) != digest:
+            r['why'] += '; the checkpoints changed'
+        again = Launch(wd, data_flags(self.big, dd))
+        again.wait()
+        return self._finish(r, self.data_refs['grain'], wd, [again], before)
+
+    def data_concurrent(self) -> list[dict]:
+        """Two runs (two workdirs) started together on one empty data_dir: one prepares, the
+        other waits for it and uses its result; both end as the reference."""
+        dd = self._data_dir('concurrent')
+        wds = [self.workdir(f'concurrent_{i}') for i in range(2)]
+        las = [Launch(wd, data_flags(self.big, dd)) for wd in wds]
+        for la in las:
+            la.wait()
+        prepared = sum('Prepared ' in la.err for la in las)
+        waited = sum('Waiting for' in la.err for la in las)
+        out = []
+        for wd, la in zip(wds, las):
+            r = {'what': f'{prepared} prepared, {waited} waited', 'why': '' if prepared == 1 else
+                 f'prepared {prepared} times'}
+            out.append(self._finish(r, self.data_refs['grain'], wd, [la], []))
+        return out
+
+    def data_signal(self, kind: str, delay: float = 0.0) -> dict:
+        """SIGTERM while preparing (at 'Checking the ...') or decoding (at 'Decoding the ...'):
+        exit 75 with the usual line, the locks released, nothing half-written; kill -9 while
+        writing the array_record: its leftovers removed by the relaunch. The relaunch ends as
+        the reference."""
+        pipeline = 'device' if kind == 'term_decode' else 'grain'
+        wd = self.workdir(kind)
+        dd = self._data_dir(kind, like='grain' if kind == 'term_decode' else None)
+        mark = {'term_prepare': 'Checking the ', 'term_decode': 'Decoding the ', 'kill_prepare': 'Writing the '}[kind]
+        la = Launch(wd, data_flags(self.big, dd, pipeline))
+        hit = la.wait_for(lambda e: mark in e)
+        time.sleep(delay)
+        la.signal(signal.SIGKILL if kind == 'kill_prepare' else signal.SIGTERM)
+        rc = la.wait()
+        r = {'what': f'{kind} after "{mark.strip()}" + {delay * 1e3:.0f} ms', 'rc': rc, 'why': ''}
+        left = leftovers(dd)
+        if not hit:
+            r['why'] = 'the launch ended before the signal; '
+        if kind == 'kill_prepare':
+            r['left_by_the_kill'] = left
+        else:
+            if rc != 75:
+                r['why'] += f'exit code {rc}, not 75: {la.err[-300:]}; '
+            if 'stopped by SIGTERM' not in la.err or 'relaunch the same command to resume' not in la.err:
+                r['why'] += 'not the usual line; '
+            if left or os.path.exists(os.path.join(wd, 'run.lock')):
+                r['why'] += f'left behind: {left + [x for x in ["run.lock"] if os.path.exists(os.path.join(wd, x))]}; '
+        again = Launch(wd, data_flags(self.big, dd, pipeline))
+        again.wait()
+        if leftovers(dd):
+            r['why'] += f'the relaunch left {leftovers(dd)}; '
+        r['why'] = r['why'].strip('; ')
+        return self._finish(r, self.data_refs[pipeline], wd, [again], [])
+
+    def case_data(self) -> None:
+        self._data_setup()
+        try:
+            for kind in FOLDER_CHANGES:
+                self._row(kind, [self.data_folder_changed(kind)])
+            for kind in PREPARED_DAMAGE:
+                self._row(kind, [self.data_prepared_damaged(kind)])
+            for kind in CACHE_DAMAGE:
+                self._row(f'cache_{kind}', [self.data_cache_damaged(kind)])
+            for when in ('prepare', 'save'):
+                self._row(f'fsize_{when}', [self.data_file_size(when)])
+            if self.can_mount:
+                for when in ('prepare', 'save'):
+                    self._row(f'full_{when}', [self.data_full_disk(when)])
+                self._row('ro_data_dir', [self.data_read_only_data_dir()])
+                self._row('ro_checkpoints', [self.data_read_only_checkpoints()])
+            else:
+                self.log('full disk and read-only rows skipped: they need root (tmpfs and read-only mounts)')
+            self._row('concurrent_prepare', self.data_concurrent())
+            self._row('term_prepare', [self.data_signal('term_prepare')])
+            self._row('term_decode', [self.data_signal('term_decode')])
+            self._row('kill_prepare', [self.data_signal('kill_prepare', self.rng.uniform(0, 0.3))
+                                       for _ in range(self.n(2))])
+        finally:
+            self.mounts.release_all()
+
+
+# ----------------------------------------------------------------------------- data faults
+
+DATA_TOTAL = 8  # the data rows: 8 steps of the smoke model (random masks), a checkpoint every 4
+DATA_STOP = 4
+DATA_PER_CLASS = 1500  # 3,000 images: preparing and decoding last long enough to be interrupted
+FOLDER_CHANGES = ('replaced', 'swapped')
+PREPARED_DAMAGE = ('truncated', 'flipped', 'deleted', 'no_dataset_info')
+CACHE_DAMAGE = ('inverted_4k', 'half_size', 'zeros', 'truncated')
+DATA_NAMES = {
+    'replaced': 'one image of the folder replaced', 'swapped': 'a cat and a dog image swap class folders',
+    'truncated': 'array_record shard truncated', 'flipped': 'array_record shard: one byte flipped',
+    'deleted': 'array_record shard deleted', 'no_dataset_info': 'dataset_info.json deleted',
+    'cache_inverted_4k': 'device cache: 4 KiB inverted', 'cache_half_size': 'device cache: the images at 16x16',
+    'cache_zeros': 'device cache: all zeros', 'cache_truncated': 'device cache: .npy truncated',
+    'fsize_prepare': 'file-size limit (ulimit -f) while preparing',
+    'fsize_save': 'file-size limit (ulimit -f) while saving a checkpoint',
+    'full_prepare': 'full disk while preparing', 'full_save': 'full disk while saving a checkpoint',
+    'ro_data_dir': 'data_dir not writable', 'ro_checkpoints': 'read-only checkpoints/ on resume',
+    'concurrent_prepare': 'two runs preparing one data_dir at once', 'term_prepare': 'SIGTERM while preparing',
+    'term_decode': 'SIGTERM while decoding (device pipeline)', 'kill_prepare': 'kill -9 while preparing',
+}
+
+
+def data_flags(root: str, data_dir: str, pipeline: str = 'grain', *extra: str) -> list[str]:
+    """The config of the data rows: the smoke model with random masks, 8 steps, a checkpoint
+    every 4, all kept; ``pipeline`` 'grain' or 'device'."""
+    return ['--config=configs/cifar10.py:smoke', f'--config.data.root={root}', f'--config.data.data_dir={data_dir}',
+            f'--config.data.pipeline={pipeline}', '--config.batch_size=8', f'--config.total_steps={DATA_TOTAL}',
+            '--config.warmup_steps=2', '--config.log_every_steps=1', '--config.ckpt.every_steps=4',
+            '--config.ckpt.keep=1000', '--config.knn.every_epochs=0', '--config.image_summary_every_epochs=0',
+            *extra]
+
+
+def change_folder(root: str, kind: str, seed: int = 1) -> list[str]:
+    """Changes an image folder as ``kind`` (:data:`FOLDER_CHANGES`); returns the paths (relative
+    to ``root``) a refusal must name: 'replaced' writes other pixels into one image, 'swapped'
+    exchanges a cat image and a dog image of the same name."""
+    from PIL import Image
+    if kind == 'replaced':
+        rel = os.path.join('train', 'cat', '0001.png')
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            os.path.join(root, rel))
+        return [rel]
+    if kind == 'swapped':
+        a, b = os.path.join('train', 'cat', '0002.png'), os.path.join('train', 'dog', '0002.png')
+        tmp = os.path.join(root, 'swap.tmp')
+        os.rename(os.path.join(root, a), tmp)
+        os.rename(os.path.join(root, b), os.path.join(root, a))
+        os.rename(tmp, os.path.join(root, b))
+        return [a, b]
+    raise ValueError(kind)
+
+
+def damage_prepared(data_dir: str, kind: str) -> str:
+    """Damages a prepared dataset folder as ``kind`` (:data:`PREPARED_DAMAGE`); returns the path
+    a refusal must name."""
+    shard = sorted(glob.glob(os.path.join(data_dir, '*.array_record-*')))[0]
+    if kind == 'truncated':
+        os.truncate(shard, os.path.getsize(shard) // 2)
+        return shard
+    if kind == 'flipped':
+        with open(shard, 'r+b') as f:
+            f.seek(os.path.getsize(shard) // 2)
+            b = f.read(1)[0]
+            f.seek(-1, 1)
+            f.write(bytes([b ^ 0xFF]))
+        return shard
+    if kind == 'deleted':
+        os.remove(shard)
+        return shard
+    if kind == 'no_dataset_info':
+        path = os.path.join(data_dir, 'dataset_info.json')
+        os.remove(path)
+        return path
+    raise ValueError(kind)
+
+
+def damage_cache(images_path: str, kind: str) -> None:
+    """Damages the device cache's ``<split>_images.npy`` as ``kind`` (:data:`CACHE_DAMAGE`), its
+    record left as it was: 4 KiB inverted in the middle, the images at half the size, all zeros,
+    the file cut in half."""
+    if kind == 'inverted_4k':
+        with open(images_path, 'r+b') as f:
+            f.seek(os.path.getsize(images_path) // 2)
+            chunk = f.read(4096)
+            f.seek(-len(chunk), 1)
+            f.write(bytes(255 - x for x in chunk))
+    elif kind in ('half_size', 'zeros'):
+        a = np.load(images_path)
+        np.save(images_path, a[:, ::2, ::2] if kind == 'half_size' else np.zeros_like(a))
+    elif kind == 'truncated':
+        os.truncate(images_path, os.path.getsize(images_path) // 2)
+    else:
+        raise ValueError(kind)
+
+
+def make_leftovers(data_dir: str) -> list[str]:
+    """What a ``kill -9`` leaves: a tfds ``incomplete.*`` folder beside the prepared one and a
+    temporary file of the device cache."""
+    incomplete = os.path.join(os.path.dirname(data_dir), 'incomplete.KILLED_1.0.0')
+    os.makedirs(incomplete, exist_ok=True)
+    with open(os.path.join(incomplete, 'image_folder-train.array_record-00000-of-00001'), 'wb') as f:
+        f.write(b'\0' * 4096)
+    os.makedirs(os.path.join(data_dir, 'decoded'), exist_ok=True)
+    tmp = os.path.join(data_dir, 'decoded', 'train_images.npy.99999.tmp.npy')
+    with open(tmp, 'wb') as f:
+        f.write(b'\0' * 4096)
+    return [incomplete, tmp]
+
+
+def leftovers(data_dir_root: str) -> list[str]:
+    """Leftovers of preparations and decodings under a data_dir (incomplete folders, temporary
+    files, lock files)."""
+    found = glob.glob(os.path.join(data_dir_root, 'image_folder', '*', 'incomplete.*'))
+    found += glob.glob(os.path.join(data_dir_root, 'image_folder', '*.lock'))
+    found += glob.glob(os.path.join(data_dir_root, 'image_folder', '*', '*', 'decoded', '*.tmp*'))
+    return sorted(found)
+
+
+PREPARE = ('import sys; from colormae_jax import defaults; from colormae_jax.data import sources; '
+           'c = defaults.data_config(); c.root, c.data_dir = sys.argv[1], sys.argv[2]; '
+           'print(sources.content_digest(c))')
+
+
+def prepare_only(root: str, data_dir: str) -> str:
+    """Prepares ``root`` into ``data_dir`` in a subprocess (no training, verified when prepared
+    already); returns the digest of the examples, in order (:func:`sources.content_digest`)."""
+    out = subprocess.run([sys.executable, '-c', PREPARE, root, data_dir], cwd=REPO, env=launch_env(), check=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return out.stdout.split()[-1]
+
+
+class Mounts:
+    """tmpfs and read-only bind mounts for the storage rows (root only); all unmounted at the end."""
+
+    def __init__(self):
+        self.points: list[str] = []
+
+    @staticmethod
+    def available() -> bool:
+        if os.geteuid() != 0:
+            return False
+        d = tempfile.mkdtemp(prefix='faults_mount_')
+        try:
+            ok = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', d],
+                                stderr=subprocess.DEVNULL).returncode == 0
+            if ok:
+                subprocess.run(['umount', d], check=True)
+            return ok
+        finally:
+            os.rmdir(d)
+
+    def tmpfs(self, path: str, size: str, ro: bool = False) -> str:
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}' + (',ro' if ro else ''), 'tmpfs', path],
+                       check=True)
+        self.points.append(path)
+        return path
+
+    def resize(self, path: str, size: str) -> None:
+        subprocess.run(['mount', '-o', f'remount,size={size}', path], check=True)
+
+    def read_only(self, path: str) -> None:
+        subprocess.run(['mount', '--bind', path, path], check=True)
+        self.points.append(path)
+        subprocess.run(['mount', '-o', 'remount,ro,bind', path], check=True)
+
+    def release(self, path: str) -> None:
+        if path in self.points:
+            subprocess.run(['umount', path], check=False)
+            self.points.remove(path)
+
+    def release_all(self) -> None:
+        for p in list(reversed(self.points)):
+            self.release(p)
+
 
 def _last_logged(err: str) -> int:
     """The last step whose loss the console writer logged (``[N] ... loss=``)."""
@@ -635,16 +1098,22 @@ def main(argv=None) -> int:
     t0 = time.time()
     bench = Bench(work, args.tries, args.seed)
     try:
-        bench.reference()
+        if set(cases) - {'data'}:  # the data rows have their own references
+            bench.reference()
         for c in cases:
             getattr(bench, f'case_{c}')()
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print(table(bench.rows))
+    print(f'{Launch.count} launches in {time.time() - t0:.0f} s')
     result = {'command': 'python benchmarks/faults.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
               'machine': f'{platform.machine()}, {os.cpu_count()} CPUs', 'seconds': round(time.time() - t0, 1),
-              'total_steps': TOTAL_STEPS, 'flags': bench.flags, 'rows': bench.rows, 'tries': bench.details}
+              'launches': Launch.count, 'total_steps': TOTAL_STEPS, 'flags': bench.flags, 'rows': bench.rows,
+              'tries': bench.details}
+    if 'data' in cases:
+        result['data'] = {'total_steps': DATA_TOTAL, 'images': 2 * DATA_PER_CLASS,
+                          'flags': data_flags('ROOT', 'DATA_DIR', 'grain|device')}
     if args.out:
         benchlib.write_json(args.out, result)
     return 0 if all(r['survived'] == r['tries'] and not r['data_lost'] for r in bench.rows) else 1

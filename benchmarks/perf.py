@@ -30,6 +30,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from colormae_jax.tools import absl_help
+
 import benchlib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/imagenet.py', 'Base config (model, decoder, data).')
@@ -246,4 +248,5 @@ def table(result: dict) -> str:
 
 
 if __name__ == '__main__':
+    absl_help()
     app.run(main)

@@ -22,6 +22,7 @@ the exit code:
 Anything else is a crash (1, with a traceback) or a signal (128 + N, e.g. 137 for ``kill -9``).
 """
 import difflib
+import errno
 import json
 import os
 import re
@@ -33,9 +34,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from colormae_jax import config_lib, distributed
-from colormae_jax.checkpoints import checkpointer as checkpoint
+from colormae_jax.checkpoints import checkpointer as checkpoint, workdir as workdir_lib
 from colormae_jax.errors import ConfigError, DataError
 from colormae_jax.loop import NonFiniteMetrics
+from colormae_jax.tools import absl_help
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -90,7 +92,20 @@ def configure_logging(process_index: int = 0) -> None:
 
 
 def _drop_io_chatter(record) -> bool:
-    return record.levelno >= 30 or ('/orbax/' not in record.pathname and '/grain/' not in record.pathname)
+    if '/orbax/' not in record.pathname and '/grain/' not in record.pathname:
+        return True
+    return record.levelno >= 30 and not _storage_failure(record)
+
+
+def _storage_failure(record) -> bool:
+    """A record of orbax's about a save that failed for lack of space or permission (with its
+    traceback): dropped, the run stops on that failure with one ``error:`` line."""
+    if record.exc_info and workdir_lib.storage_error(record.exc_info[1]) is not None:
+        return True
+    try:
+        return workdir_lib.storage_error(Exception(record.getMessage())) is not None
+    except Exception:  # noqa: BLE001 - a record that cannot format is not ours to drop
+        return False
 
 
 _NOISE = (
@@ -105,6 +120,8 @@ def _drop_noise(record) -> bool:
         msg = record.getMessage()
     except Exception:  # noqa: BLE001 - a record that cannot format is not ours to drop
         return True
+    if f'{os.sep}asyncio{os.sep}' in record.pathname and _storage_failure(record):
+        return False  # "Task exception was never retrieved" of orbax's writes after a failed save
     return not any(record.levelno <= level and msg.startswith(text) for level, text in _NOISE)
 
 
@@ -138,6 +155,10 @@ def check_workdir(workdir: str) -> None:
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise CommandLineError(f'{workdir}: the workdir is not writable; give --workdir a folder this user can '
                                f'write (or fix its permissions)')
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    if os.path.isdir(checkpoints) and (err := workdir_lib.check_writable(checkpoints)) is not None:
+        raise CommandLineError(f'{checkpoints}: cannot be written ({err.strerror}): the run could not save its '
+                               f'steps; make it writable, or copy the workdir and give the copy as --workdir')
 
 
 def log_summary(config, workdir: str, out: dict) -> None:
@@ -199,12 +220,50 @@ def error_line(e: BaseException, workdir: str | None = None) -> str | None:
                      r'config:', str(e))
     elif isinstance(e, USER_ERRORS):
         msg = str(e)
-    elif isinstance(e, OSError) and workdir and '://' not in workdir and _inside(e.filename, workdir):
+    elif (isinstance(e, OSError) and e.errno not in _NO_ROOM and workdir and '://' not in workdir
+          and _inside(e.filename, workdir)):
         msg = (f'{e.filename}: {e.strerror or e}; give --workdir a folder this user can write (an existing one is '
                f'resumed)')
+    elif (err := _storage(e, workdir)) is not None:  # disk full, file-size limit, read-only
+        inside = workdir and '://' not in workdir and _inside(err.filename, workdir)
+        msg = workdir_lib.storage_message(err, key='--workdir' if inside else None,
+                                          then='it resumes from the last checkpoint' if inside else '')
     else:
         return None
-    return 'error: ' + _one_line(msg)
+    return 'error: ' + _one_line(data_root_hint(msg))
+
+
+_ROOT_EXAMPLE = re.compile(r'--config\.data\.root=([^\s;,)]+)')
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_root_hint(msg: str, example: str = '--config.data.root={}') -> str:
+    """``msg`` with each relative ``--config.data.root=PATH`` example that does not exist from the
+    working directory (a run started outside the repository root) written as ``example`` of a path
+    that exists: PATH taken from the repository root, else a placeholder saying what to give."""
+    def fix(m: re.Match) -> str:
+        path = m.group(1)
+        if os.path.isabs(path) or os.path.isdir(path):
+            return example.format(path)
+        found = os.path.normpath(os.path.join(REPO_ROOT, path))
+        if os.path.isdir(found):
+            return example.format(found)
+        return example.format('/ABSOLUTE/PATH/TO/cifar10') + f' (the folder of train/ and test/; a relative path is ' \
+                                                             f'read from the working directory, {os.getcwd()})'
+    return _ROOT_EXAMPLE.sub(fix, msg)
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # storage errors whose fix is not another folder's permissions
+
+
+def _storage(e: BaseException, workdir: str | None) -> OSError | None:
+    """The storage failure behind ``e`` (``workdir.storage_error``), except a permission error
+    outside the workdir: the data's are worded by the data code, any other is a bug."""
+    err = workdir_lib.storage_error(e)
+    if err is None or (err.errno in (errno.EACCES, errno.EPERM) and not (
+            workdir and '://' not in workdir and _inside(err.filename, workdir))):
+        return None
+    return err
 
 
 def _one_line(msg: str) -> str:
@@ -359,6 +418,7 @@ def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> None
     (:data:`EXIT_USER_ERROR`, :data:`EXIT_NON_FINITE`; ``--verbose`` or COLORMAE_VERBOSE=1: the
     traceback instead). ``main`` returns the exit code of a run that ended (0, or
     :data:`EXIT_PREEMPTED`)."""
+    absl_help(argv, modules=[__name__])  # -h, --help, --helpshort: this module's flags, exit 0
     try:
         app.run(main, argv, flags_parser=parse_flags)
     except Exception as e:  # noqa: BLE001 - anything that is not a user error is re-raised

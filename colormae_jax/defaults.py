@@ -12,6 +12,8 @@ def data_config() -> ml_collections.ConfigDict:
         data_dir='',                # where array_record files live ('' -> ~/tensorflow_datasets)
         skip_bad_images=False,      # 'folder': leave out images that cannot be decoded (listed in
                                     # skipped_images.txt next to the prepared data) instead of refusing the folder
+        reprepare=False,            # 'folder': prepare again when the prepared data are damaged or the folder
+                                    # changed since (else the run is refused, naming the files)
         split='train',
         eval_split='test',          # kNN monitor and evaluations ('validation' for imagenet2012)
         image_size=224,

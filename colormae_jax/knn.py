@@ -19,8 +19,8 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from colormae_jax import parallel
-from colormae_jax.data import device as device_data, pipeline as data
+from colormae_jax import loop, parallel
+from colormae_jax.data import device as device_data, pipeline as data, sources as datasets
 from colormae_jax.models import mae as model_lib
 
 
@@ -39,10 +39,21 @@ def make_feature_fn(c: model_lib.MAEConfig, data_cfg, mesh) -> Callable:
     return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
 
 
-def extract(feature_fn, enc_params, data_cfg, *, split: str, batch_size: int, mesh, limit: int = 0) -> dict:
+def count(data_cfg, split: str, limit: int = 0) -> int:
+    """The examples :func:`extract` reads from ``split`` (the first ``limit`` when set)."""
+    n = datasets.num_examples(data_cfg, split)
+    return min(n, limit) if limit else n
+
+
+def extract(feature_fn, enc_params, data_cfg, *, split: str, batch_size: int, mesh, limit: int = 0,
+            progress: loop.PassProgress | None = None) -> dict:
     """Features of every example of ``split`` (centre crops), gathered from all processes:
-    {'cls', 'mean': [n, D], 'label': [n], 'index': [n]} as numpy, in index order."""
+    {'cls', 'mean': [n, D], 'label': [n], 'index': [n]} as numpy, in index order. Progress goes to
+    ``progress`` (by default one of its own); SIGTERM stops the pass between two batches
+    (:class:`loop.EvaluationInterrupted`)."""
     t0 = time.perf_counter()
+    if progress is None:
+        progress = loop.PassProgress(f'{split} features', count(data_cfg, split, limit))
     out = {'cls': [], 'mean': [], 'label': [], 'index': []}
     sharding = parallel.batch_sharding(mesh)
     if data_cfg.get('pipeline', 'grain') == 'device':  # centre crops of the resident split, made on the device
@@ -52,16 +63,23 @@ def extract(feature_fn, enc_params, data_cfg, *, split: str, batch_size: int, me
         batches = data.make_eval_iterator(data_cfg, split=split, global_batch_size=batch_size,
                                           process_index=jax.process_index(), process_count=jax.process_count(),
                                           limit=limit)
-    for b in batches:
-        images = b['image']
-        if not isinstance(images, jax.Array):
-            images = jax.make_array_from_process_local_data(sharding, images)
-        f = feature_fn(enc_params, images)
-        valid = b['valid']
-        for k in ('cls', 'mean'):
-            out[k].append(parallel.local_rows(f[k], mesh)[valid])
-        out['label'].append(b['label'][valid])
-        out['index'].append(b['index'][valid])
+    try:
+        for b in batches:
+            images = b['image']
+            per_process = not isinstance(images, jax.Array)  # grain's numpy rows of this process
+            if per_process:
+                images = jax.make_array_from_process_local_data(sharding, images)
+            f = feature_fn(enc_params, images)
+            valid = b['valid']
+            for k in ('cls', 'mean'):
+                out[k].append(parallel.local_rows(f[k], mesh)[valid])
+            out['label'].append(b['label'][valid])
+            out['index'].append(b['index'][valid])
+            progress.update(int(np.sum(valid)) * (jax.process_count() if per_process else 1))
+    finally:
+        close = getattr(batches, 'close', None)
+        if close is not None:
+            close()
     local = {k: np.concatenate(v) for k, v in out.items()}
     if jax.process_count() > 1:  # every process gets every example (padded gathers, then trimmed)
         cnt = multihost_utils.process_allgather(np.asarray(len(local['label'])))
@@ -102,14 +120,17 @@ def knn_accuracy(train_f, train_y, test_f, test_y, *, num_classes: int, k: int =
 
 
 def knn_eval(enc_params, c: model_lib.MAEConfig, data_cfg, knn_cfg, *, num_classes: int, batch_size: int, mesh,
-             feature_fn=None) -> dict:
+             feature_fn=None, what: str = 'kNN', hint: str = '') -> dict:
     """{'knn/cls_top1', 'knn/mean_top1'} (%) for the encoder ``enc_params``: features of
-    ``data_cfg.split`` (the memory bank) and ``data_cfg.eval_split`` (the queries)."""
+    ``data_cfg.split`` (the memory bank) and ``data_cfg.eval_split`` (the queries), one pass
+    with progress in the log as ``what`` (``hint``: how to bound or turn it off)."""
     feature_fn = feature_fn or make_feature_fn(c, data_cfg, mesh)
     bs = knn_cfg.batch_size or batch_size
+    progress = loop.PassProgress(what, count(data_cfg, data_cfg.split, knn_cfg.max_train)
+                                 + count(data_cfg, data_cfg.eval_split, knn_cfg.max_test), hint=hint)
     tr = extract(feature_fn, enc_params, data_cfg, split=data_cfg.split, batch_size=bs, mesh=mesh,
-                 limit=knn_cfg.max_train)
+                 limit=knn_cfg.max_train, progress=progress)
     te = extract(feature_fn, enc_params, data_cfg, split=data_cfg.eval_split, batch_size=bs, mesh=mesh,
-                 limit=knn_cfg.max_test)
+                 limit=knn_cfg.max_test, progress=progress)
     return {f'knn/{p}_top1': knn_accuracy(tr[p], tr['label'], te[p], te['label'], num_classes=num_classes,
                                           k=knn_cfg.k, temperature=knn_cfg.temperature) for p in ('cls', 'mean')}

@@ -22,9 +22,10 @@ non-finite loss (nothing bad saved: fix the config and relaunch to resume); 75
 """
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
-from colormae_jax import cli as cli_lib
+from colormae_jax import cli as cli_lib, loop
 from colormae_jax.checkpoints.workdir import WorkdirLock
 from colormae_jax.cli import EXIT_NON_FINITE, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: F401 - main.EXIT_*
 from colormae_jax.data import sources as datasets
@@ -42,9 +43,14 @@ def main(argv) -> int:
     task = task_module(config)  # before process 0 spends hours preparing the data
     task.validate(config)
     cli_lib.check_workdir(workdir)
-    with WorkdirLock(workdir):  # a second run on the workdir is refused now, before data or compiling
-        prepare_data_once(config)
-        out = task.train_and_evaluate(config, workdir)
+    # A second run on the workdir is refused now, before data or compiling; SIGTERM stops the data work too.
+    with WorkdirLock(workdir), loop.sigterm_stops_passes():
+        try:
+            prepare_data_once(config)
+            out = task.train_and_evaluate(config, workdir)
+        except datasets.PreparationStopped as e:  # released the data's lock; nothing half-written kept
+            logging.warning('%s.', e)
+            out = {'preempted': True}
     cli_lib.log_summary(config, workdir, out)
     return EXIT_PREEMPTED if out.get('preempted') else 0
 

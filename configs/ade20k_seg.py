@@ -66,7 +66,7 @@ def get_config(arg=None):
         c.data.split, c.data.eval_split = 'train', 'val'
         c.data.num_classes, c.data.reduce_zero_label = 4, False
         c.seg.update(crop_size=32, scale=(64, 32), stride=21, channels=32, aux_channels=16, eval_windows=4,
-                     pictures=2,
+                     pictures=2, eval_max=50,  # evaluate on the first 50 images at most
                      out_indices=(0, 0, 0, 0))  # configs/cifar10.py:smoke pre-trains a one-block mu/4 encoder
         c.batch_size = 8
         c.total_steps, c.warmup_steps = 20, 2

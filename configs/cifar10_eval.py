@@ -31,6 +31,7 @@ def get_config(arg=None):
         c.eval_every_epochs = 0.5
         c.log_every_steps = 10
         c.ckpt.every_steps = 10
-        c.knn.update(max_train=2000, max_test=500)
+        c.knn.update(max_train=2000, max_test=500)  # evaluation sizes: each evaluation takes seconds
         c.probe.update(max_train=2000, max_test=500)
+        c.finetune.max_test = 500
     return c

@@ -30,5 +30,6 @@ def get_config(arg=None):
         c.log_every_steps = 1
         c.ckpt.every_steps = 2
         c.mask.famt.update(warmup_steps=2, update_every_steps=2)
+        c.knn.update(max_train=2000, max_test=500)  # if the monitor is turned on (knn.every_epochs)
     defaults.set_mask(c, a.mask)  # last: mask=famt starts FAMT at the first weight update
     return c

@@ -279,8 +279,11 @@ def test_export_from_a_training_checkpoint(tmp_path):
     # load_any_params (what init_from and the API read): the step folder, and the .pth itself
     _, c4, what = weights.load_any_params(str(tmp_path / 'wd' / 'checkpoints' / '7'))
     assert c4 == c and what.endswith('step 7')
+    _, c5, _ = weights.load_any_params(out)  # the export carries its model (mae.pth.json), heads included
+    assert c5 == dataclasses.replace(c, attn_impl='auto', remat=False, dtype=jnp.float32)
+    os.remove(out + '.json')  # without it, a foreign file: the mu/4 decoder (32 x 1) is not MAE's, heads unknown
     with pytest.raises(convert.ConversionError, match='heads are not in the shapes.*convert import .* --dec_heads N'):
-        weights.load_any_params(out)  # the mu/4 decoder (32 x 1) is not MAE's: its heads are unknown
+        weights.load_any_params(out)
     with pytest.raises(checkpoint.CheckpointError, match=r'has no step 3; it has \[7\]'):
         weights.load_training_params(str(tmp_path / 'wd'), step=3)
     assert os.listdir(tmp_path / 'wd' / 'checkpoints') == ['7']

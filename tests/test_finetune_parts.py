@@ -230,13 +230,33 @@ def test_linear_probe_batchnorm():
     np.testing.assert_allclose(normed.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(logits, model.head(normed), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(new['bn']['mean'], 0.1 * mu, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(new['bn']['var'], 0.9 + 0.1 * var, rtol=1e-5)
+    n = f.shape[0]  # torch's BatchNorm1d moves the unbiased variance (x n/(n-1)): 4/3 here
+    np.testing.assert_allclose(new['bn']['var'], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
     logits_eval, same = _probe_apply(graphdef, params, new, f, train=False)
     jax.tree.map(np.testing.assert_array_equal, same, new)
     running = (f - new['bn']['mean']) / jnp.sqrt(new['bn']['var'] + 1e-6)
     np.testing.assert_allclose(logits_eval, model.head(running), rtol=1e-4, atol=1e-5)
     grads = jax.jit(jax.grad(lambda p: _probe_apply(graphdef, p, stats, f, train=True)[0].sum()))(params)
     assert float(jnp.abs(grads['head']['kernel']).max()) > 0
+
+
+def test_linear_probe_batchnorm_running_stats_equal_torch():
+    """MAE's probe BatchNorm (torch.nn.BatchNorm1d(affine=False, eps=1e-6)): running mean and
+    variance after three training batches of 5, and the eval-mode output."""
+    torch = pytest.importorskip('torch')
+    head = C.LinearProbeHead(6, K, rngs=nnx.Rngs(0))
+    graphdef, params, stats = C.split_classifier(head)
+    ref = torch.nn.BatchNorm1d(6, affine=False, eps=1e-6)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        x = (rng.normal(size=(5, 6)) * (1 + i) + i).astype(np.float32)
+        _, stats = _probe_apply(graphdef, params, stats, jnp.asarray(x), train=True)
+        ref.train()(torch.tensor(x))
+    np.testing.assert_allclose(stats['bn']['mean'], ref.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats['bn']['var'], ref.running_var.numpy(), rtol=1e-5)
+    bn = nnx.merge(graphdef, params, stats).bn
+    np.testing.assert_allclose(bn(jnp.asarray(x), use_running_average=True), ref.eval()(torch.tensor(x)).numpy(),
+                               rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ optimizers

@@ -1,6 +1,7 @@
 """Segmentation transfer (task=segment): ops against torch, metrics against numpy, the data
 pipeline's mmseg details, bad input, and the task end to end on a synthetic folder (mIoU far
 above chance, exact resume)."""
+import functools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from colormae_jax.errors import DataError
 from colormae_jax.interop import weights
 from colormae_jax.models import mae as model_lib, upernet as seg
 from colormae_jax.tasks import segment
+from colormae_jax.tools.seg_folder import make_seg_folder
 
 from helpers import override
 
@@ -26,33 +28,6 @@ import ade20k_seg  # noqa: E402
 
 DEV = jax.devices()[:1]
 K = 4  # background + square, disk, cross
-
-
-def make_seg_folder(root, n_train=24, n_val=6, seed=0, size=(40, 48)):
-    """Shapes of three classes (each its own colour, noisy) on textured backgrounds; label PNGs."""
-    rng = np.random.default_rng(seed)
-    for split, n in (('train', n_train), ('val', n_val)):
-        os.makedirs(os.path.join(root, 'images', split), exist_ok=True)
-        os.makedirs(os.path.join(root, 'annotations', split), exist_ok=True)
-        for i in range(n):
-            h, w = size
-            yy, xx = np.mgrid[:h, :w]
-            img = (rng.integers(0, 60, (h, w, 3)) + 40 * np.sin(xx / rng.uniform(2, 6))[..., None]).clip(0, 255)
-            lab = np.zeros((h, w), np.uint8)
-            for cls in rng.permutation([1, 2, 3])[:2]:
-                cy, cx, r = rng.integers(8, h - 8), rng.integers(8, w - 8), rng.integers(5, 9)
-                if cls == 1:
-                    m = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
-                elif cls == 2:
-                    m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-                else:
-                    m = ((abs(yy - cy) <= 2) & (abs(xx - cx) <= r)) | ((abs(xx - cx) <= 2) & (abs(yy - cy) <= r))
-                colour = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])[cls - 1]
-                img[m] = (colour + rng.integers(-30, 30, (m.sum(), 3))).clip(0, 255)
-                lab[m] = cls
-            Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, 'images', split, f'{i:03d}.jpg'), quality=95)
-            Image.fromarray(lab).save(os.path.join(root, 'annotations', split, f'{i:03d}.png'))
-    return str(root)
 
 
 def tiny_encoder(path):
@@ -90,6 +65,38 @@ def test_ops_equal_torch():
     for s in (1, 2, 3, 6):  # PPM's scales on the 16x16 top level: bins overlap for 3 and 6
         want = F.adaptive_avg_pool2d(torch.tensor(z), s).permute(0, 2, 3, 1).numpy()
         np.testing.assert_allclose(np.asarray(seg.adaptive_avg_pool(z.transpose(0, 2, 3, 1), s)), want, atol=1e-6)
+
+
+def test_batchnorm_running_stats_equal_torch():
+    """The running variance moves with the unbiased batch variance (x n/(n-1)), as torch's BatchNorm2d
+    and SyncBN: checked where n is small (a PPM 1x1 pool: n = batch), jitted, the batch sharded over 4
+    devices (SyncBN: n is the global batch); the outputs in train and eval mode equal torch's too."""
+    torch = pytest.importorskip('torch')
+    C = 3
+    s = seg.SegConfig()
+    for shape in [(4, 1, 1, C), (4, 2, 3, C)]:  # n = 4 (biased and unbiased differ by 33%), n = 24
+        ours = seg.BN(C, s, nnx.Rngs(0))
+        ref = torch.nn.BatchNorm2d(C, momentum=1 - s.bn_momentum, eps=s.bn_eps)
+        graphdef, params, stats = nnx.split(ours, nnx.Param, nnx.BatchStat)
+        mesh = jax.make_mesh((4,), ('data',), devices=jax.devices()[:4])
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+        @functools.partial(jax.jit, static_argnums=2)
+        def step(stats, x, train):
+            m = nnx.merge(graphdef, params, stats)
+            return m(x, use_running_average=not train), nnx.state(m, nnx.BatchStat)
+
+        rng = np.random.default_rng(len(shape))
+        for i in range(3):
+            x = (rng.normal(size=shape) * (1 + i) + i).astype(np.float32)
+            y, stats = step(stats, jax.device_put(x, sharding), True)
+            want = ref.train()(torch.tensor(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+            np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(stats['mean'][...]), ref.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(stats['var'][...]), ref.running_var.numpy(), rtol=1e-6)
+        y, _ = step(stats, x, False)
+        want = ref.eval()(torch.tensor(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
 
 
 def test_metrics_equal_numpy_with_ignore():
@@ -343,7 +350,10 @@ def test_visualize_draws_the_label_maps_of_a_segment_run(folder, tmp_path, capsy
     bad.write_bytes(b'not a jpeg')
     for argv, start in [([str(wd), '--step', '9'], f'error: {wd / "checkpoints"}: no step 9; it has [3]'),
                         ([str(wd), str(bad)], f'error: {bad}: not an image PIL can read'),
-                        ([str(tmp_path / 'nowhere'), str(bad)], f'error: {tmp_path / "nowhere"}: no such file')]:
+                        ([str(tmp_path / 'nowhere'), str(bad)], f'error: {tmp_path / "nowhere"}: no such file'),
+                        ([str(wd), '--split', 'validation'],  # the README's split, the folder's are train and val
+                         f'error: --split validation: not a split of {root} (the data.split and data.eval_split of '
+                         f"the run's config, or of --config); its splits are train, val; give one of them")]:
         assert visualize.main([*argv, '--out', str(tmp_path / 'x.png')]) == 2
         err = capsys.readouterr().err
         assert err.startswith(start) and err.count('\n') == 1, err

@@ -106,9 +106,8 @@ def load(source: str, step: int | None = None) -> Segmenter:
     directory, step, cfg = found
     config = ml_collections.ConfigDict(cfg)
     where = os.path.join(directory, str(step))
-    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                item_handlers={'state': ocp.StandardCheckpointHandler(),
-                                               CHECKSUMS: ocp.JsonCheckpointHandler()})
+    mgr = weights.read_only_manager(directory, {'state': ocp.StandardCheckpointHandler(),
+                                                CHECKSUMS: ocp.JsonCheckpointHandler()})
     try:
         meta = mgr.item_metadata(step)['state']
         shapes = jax.tree.map(lambda m: tuple(m.shape), dict(meta['params']))
@@ -170,6 +169,11 @@ def examples(segmenter: Segmenter, *, images: Sequence[str] = (), data_cfg: ml_c
         return out
     data_cfg = data_cfg or segmenter.config.data
     split = split or data_cfg.eval_split
+    splits = list(dict.fromkeys([data_cfg.split, data_cfg.eval_split]))  # what prepare() reads
+    if split not in splits:
+        raise DataError(f'--split {split}: not a split of {data_cfg.root} (the data.split and data.eval_split of '
+                        f'the run\'s config, or of --config); its splits are {", ".join(splits)}; give one of them, '
+                        f'e.g. --split {data_cfg.eval_split}')
     return list(seg_data.eval_examples(data_cfg, segmenter.config.seg, split=split, limit=num or 8))
 
 

@@ -101,13 +101,15 @@ def _abandoned_read(u) -> bool:
     return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
 
 
-def _quiet_abandoned_reads() -> None:
+def _quiet_abandoned_reads(collect: bool = True) -> None:
     """After a failed restore, the step's other reads still end in tensorstore's threads and
     Python prints each as a traceback ("Exception ignored in ..."): hundreds of lines after
-    the one-line warning. Drops those (only those: anything else goes to the previous hook)."""
+    the one-line warning. Drops those (only those: anything else goes to the previous hook).
+    The writes of a save that failed (disk full, file-size limit) end the same way."""
     previous = sys.unraisablehook
     if getattr(previous, '_colormae_quiet', False):
-        gc.collect()
+        if collect:
+            gc.collect()
         return
 
     def hook(u):
@@ -116,7 +118,8 @@ def _quiet_abandoned_reads() -> None:
 
     hook._colormae_quiet = True
     sys.unraisablehook = hook
-    gc.collect()  # the abandoned coroutines now, under the hook
+    if collect:
+        gc.collect()  # the abandoned coroutines now, under the hook
 
 
 class _Failed:
@@ -176,6 +179,7 @@ class Checkpointer:
         """``extra_items``: the names of the task's extra items (see :meth:`save`)."""
         self.directory = os.path.abspath(directory) if '://' not in directory else directory
         self.extra_items = tuple(extra_items)
+        _quiet_abandoned_reads(collect=False)  # a save that fails in the background leaves its writes too
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,

@@ -10,12 +10,22 @@ another time) is stale: it is taken over with a warning. A lock held from anothe
 cannot be checked and is never taken over; the message says how to remove it. Every
 process of a multi-process run learns process 0's verdict. A ``gs://`` (any ``://``)
 workdir is not locked (a logged note).
+
+Storage failures (a full disk, a file-size limit, a folder this user cannot write) reach the
+code as many types: ``OSError`` with an errno, or a library's error whose message holds the
+errno (tensorstore's ``[os_error_code='27']``, array_record's ``File too large``).
+:func:`storage_error` finds one behind any exception, as an ``OSError`` with the errno and the
+path; :func:`storage_message` words it as one line that says what to do;
+:func:`check_writable` refuses a folder that cannot be written before anything depends on it.
 """
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
+import re
+import resource
 import socket
 import time
 import uuid
@@ -210,3 +220,84 @@ class WorkdirLock:
             os.remove(self.path)
         except FileNotFoundError:
             pass
+
+
+# ------------------------------------------------------------------------------ storage errors
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
+_STRERRORS = {os.strerror(n): n for n in STORAGE_ERRNOS}  # 'No space left on device' -> ENOSPC, ...
+_CODE = re.compile(r"os_error_code='?(\d+)")
+_PATH = re.compile(r'(?:writing|[Ff]ailed writing:?|local file|[Ff]ile)\s+"?(/[^";,\s]+)')
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def storage_error(e: BaseException | None) -> OSError | None:
+    """The storage failure behind ``e`` (``e`` or its causes): an ``OSError`` whose errno is one
+    of :data:`STORAGE_ERRNOS` (disk full, quota, file-size limit, permission, read-only file
+    system) with the path when one is known; None when ``e`` is something else."""
+    found, path = None, None
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
+            found = found or x.errno
+            path = path or x.filename
+            continue
+        msg = str(x)
+        code = next((int(m) for m in _CODE.findall(msg) if int(m) in STORAGE_ERRNOS), None)
+        code = code or next((n for text, n in _STRERRORS.items() if text in msg), None)
+        if code is not None:
+            found = found or code
+            paths = _PATH.findall(msg)  # the last one named is the file (tensorstore names its database first)
+            path = path or (paths[-1] if paths else None)
+    if found is None:
+        return None
+    return OSError(found, os.strerror(found), path)
+
+
+def _size_limit() -> str:
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return '' if soft == resource.RLIM_INFINITY else f' of {soft:,} bytes (ulimit -f {soft // 1024})'
+
+
+def storage_message(err: OSError, key: str | None = None, then: str = '', doing: str = '') -> str:
+    """One line for a storage failure (:func:`storage_error`): ``<path>: <what>; <what to do>``.
+    ``key`` is the flag or config key that names another folder (``--workdir``); ``then`` what
+    the relaunch does (``it resumes from the last checkpoint``); ``doing`` what failed
+    (``preparing /data/imgs``)."""
+    n = err.errno
+    path = err.filename or 'a file'
+    if n in (errno.ENOSPC, errno.EDQUOT):
+        what = 'the disk is full' if n == errno.ENOSPC else 'the disk quota is used up'
+        do = 'free space there' + (f' (or give {key} a folder on another disk)' if key else '')
+    elif n == errno.EFBIG:
+        what = f'it would grow past the file-size limit{_size_limit()}'
+        do = 'raise the limit (ulimit -f unlimited)'
+    else:
+        what = 'the file system is read-only' if n == errno.EROFS else 'this user may not write there'
+        do = 'make it writable' + (f' (or give {key} a folder this user can write)' if key else '')
+    then = f', then relaunch the same command: {then}' if then else ', then relaunch the same command'
+    doing = f' while {doing}' if doing else ''
+    return f'{path}: {err.strerror or os.strerror(n)} ({what}){doing}; {do}{then}'
+
+
+def check_writable(folder: str) -> OSError | None:
+    """Whether this user can create files in ``folder`` (an existing local folder), found by
+    creating and removing a probe file (``os.access`` says yes to root on a read-only mode):
+    the ``OSError`` when not, else None."""
+    probe = os.path.join(folder, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    except OSError as e:
+        return e
+    os.close(fd)
+    try:
+        os.remove(probe)
+    except OSError:
+        pass
+    return None

@@ -2,7 +2,9 @@
 accelerator memory (CIFAR-10/100, STL-10, Tiny ImageNet, any prepared folder or TFDS dataset).
 
 * Each split is decoded once into uint8 ``[N, H, W, 3]`` (+ int32 labels), cached as ``.npy``
-  next to the prepared array_record (``<builder.data_dir>/decoded/``), and placed on the mesh
+  next to the prepared array_record (``<builder.data_dir>/decoded/``) with a record of its shape,
+  dtype, SHA-256 and source (verified on every read, decoded again when it does not verify:
+  :func:`decoded_split`), and placed on the mesh
   replicated on every device (docs/design.md, "The device-resident pipeline"). A split that
   does not fit is refused before anything is placed (:func:`check_fits`).
 * Training batches come from a jitted companion of the train step (:func:`train_batch`): the
@@ -25,9 +27,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import glob
+import hashlib
+import json
 import math
 import os
 import threading
+import time
 from typing import Any, Iterator, NamedTuple
 
 import grain
@@ -37,6 +43,7 @@ import numpy as np
 from absl import logging
 
 from colormae_jax import parallel
+from colormae_jax.checkpoints import workdir as storage
 from colormae_jax.data import pipeline as data, sources as datasets
 from colormae_jax.errors import ConfigError, DataError
 
@@ -53,9 +60,11 @@ def cache_dir(data_cfg) -> str:
     return os.path.join(datasets.prepare(data_cfg).data_dir, 'decoded')
 
 
-def _cache_paths(data_cfg, split: str) -> tuple[str, str]:
+def _cache_paths(data_cfg, split: str) -> tuple[str, str, str]:
+    """(images ``.npy``, labels ``.npy``, the cache's record ``.json``) of ``split``."""
     d = cache_dir(data_cfg)
-    return os.path.join(d, f'{split}_images.npy'), os.path.join(d, f'{split}_labels.npy')
+    return (os.path.join(d, f'{split}_images.npy'), os.path.join(d, f'{split}_labels.npy'),
+            os.path.join(d, f'{split}_cache.json'))
 
 
 def _decode(item) -> np.ndarray:
@@ -63,29 +72,131 @@ def _decode(item) -> np.ndarray:
 
 
 def first_image_shape(data_cfg, split: str) -> tuple[int, int, int]:
-    """(H, W, 3) of example 0 of ``split`` (the shape the cache would have), from the cache when there."""
-    images_path, _ = _cache_paths(data_cfg, split)
-    if os.path.exists(images_path):
-        return tuple(np.load(images_path, mmap_mode='r').shape[1:])
+    """(H, W, 3) of example 0 of ``split``: the shape of every image of the cache (decoded from
+    the prepared data, never read from a cache that may be damaged)."""
     return _decode(datasets.data_source(data_cfg, split)[0]['image']).shape
+
+
+CACHE_VERSION = 1
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast('B')).hexdigest()[:32]
+
+
+def _load_cache(paths: tuple[str, str, str], n: int, shape: tuple, source: str) -> tuple | None:
+    """The cached (images, labels) when they verify against their record: written from these
+    prepared data (``source``, :func:`datasets.prepared_fingerprint`), ``n`` images of ``shape``
+    uint8 and int32 labels, with the SHA-256 of their bytes; else None, with a warning that says
+    why when a cache was there (it is then decoded again)."""
+    images_path, labels_path, record_path = paths
+    if not os.path.exists(record_path):
+        if os.path.exists(images_path):
+            logging.warning('The device cache %s has no record (written by an earlier version, or its writing was '
+                            'interrupted): decoding the split again.', images_path)
+        return None
+    why = None
+    t0 = time.perf_counter()
+    try:
+        with open(record_path) as f:
+            rec = json.load(f)
+        want = {'version': CACHE_VERSION, 'source': source, 'shape': [n, *shape]}
+        for k, v in want.items():
+            if rec.get(k) != v:
+                why = {'source': 'decoded from other prepared data (they were prepared again)',
+                       'shape': f'shape {rec.get("shape")}, the split is {[n, *shape]}'}.get(k, f'record {k} differs')
+                break
+        if why is None:
+            images, labels = np.load(images_path), np.load(labels_path)
+            if images.dtype != np.uint8 or list(images.shape) != rec['shape']:
+                why = f'{images_path} holds {images.dtype} {list(images.shape)}, its record says uint8 {rec["shape"]}'
+            elif labels.dtype != np.int32 or labels.shape != (n,):
+                why = f'{labels_path} holds {labels.dtype} {list(labels.shape)}, not int32 [{n}]'
+            elif _digest(images) != rec['images_sha256']:
+                why = f'the bytes of {images_path} differ from its record (SHA-256)'
+            elif _digest(labels) != rec['labels_sha256']:
+                why = f'the bytes of {labels_path} differ from its record (SHA-256)'
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:  # truncated .npy, unreadable JSON, ...
+        why = f'unreadable: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}'
+    if why is not None:
+        logging.warning('The device cache of %s is damaged (%s): decoding the split again.',
+                        os.path.dirname(images_path), why)
+        return None
+    logging.info('Verified the device cache %s: %d images, %.1f MB, SHA-256 in %.2f s (read included).', images_path,
+                 n, images.nbytes / 2 ** 20, time.perf_counter() - t0)
+    return images, labels
+
+
+def _write_cache(paths: tuple[str, str, str], images: np.ndarray, labels: np.ndarray, source: str) -> None:
+    """Writes the cache (temporary files renamed into place, the record last: a cache without its
+    record is never used). A failure (read-only, disk full, file-size limit) is a warning: the
+    run goes on with the decoded split, and the next one decodes it again."""
+    images_path, labels_path, record_path = paths
+    rec = {'version': CACHE_VERSION, 'source': source, 'shape': list(images.shape), 'dtype': 'uint8',
+           'images_sha256': _digest(images), 'labels_sha256': _digest(labels)}
+    tmps = []
+    try:
+        os.makedirs(os.path.dirname(images_path), exist_ok=True)
+        if os.path.exists(record_path):
+            os.remove(record_path)  # the old record goes first: a half-replaced cache never verifies
+        for path, arr in ((labels_path, labels), (images_path, images)):
+            tmps.append(f'{path}.{os.getpid()}.tmp.npy')
+            np.save(tmps[-1], arr)
+            os.replace(tmps[-1], path)
+        tmps.append(f'{record_path}.{os.getpid()}.tmp')
+        with open(tmps[-1], 'w') as f:
+            json.dump(rec, f)
+        os.replace(tmps[-1], record_path)
+    except OSError as e:
+        for t in tmps:
+            if os.path.exists(t):
+                os.remove(t)
+        err = storage.storage_error(e) or e
+        logging.warning('Could not cache the decoded split in %s (%s: %s); the run goes on, the next one decodes '
+                        'it again.', os.path.dirname(images_path), err.filename or images_path, err.strerror or e)
 
 
 def decoded_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images ``[N, H, W, 3]`` and int32 labels ``[N]`` of ``split``, decoded once and cached.
 
-    All images must share one size (the resident array is one block); a split with several sizes
-    is refused, naming two of them.
+    The cache is verified each time it is read (:func:`_load_cache`: its shape, dtype, SHA-256
+    and the prepared data it came from) and decoded again, with a warning, when it does not
+    verify. Decoding holds the dataset's lock (:func:`datasets.dataset_lock`: a second process
+    waits, then reads the cache), removes leftovers of killed decodings, and stops on SIGTERM
+    (:class:`datasets.PreparationStopped`). All images must share one size (the resident array is
+    one block); a split with several sizes is refused, naming two of them.
     """
-    images_path, labels_path = _cache_paths(data_cfg, split)
+    paths = _cache_paths(data_cfg, split)
     n = datasets.num_examples(data_cfg, split)
-    if os.path.exists(images_path) and os.path.exists(labels_path):
-        images, labels = np.load(images_path), np.load(labels_path)
-        if len(images) == n and len(labels) == n:
-            return images, labels
-        logging.warning('%s holds %d images, the split %d: decoding again.', images_path, len(images), n)
+    source = datasets.prepared_fingerprint(data_cfg)
+    first = first_image_shape(data_cfg, split)
+    got = _load_cache(paths, n, first, source)
+    if got is not None:
+        return got
+    lock = datasets.dataset_lock(data_cfg, f'decode split {split!r} for the device pipeline')
+    try:
+        lock.acquire()
+    except OSError as e:  # a read-only data_dir: decoded here, not cached
+        logging.warning('Cannot cache the decoded split beside the prepared data (%s: %s): it is decoded now and '
+                        'again by the next run.', e.filename or lock.path, e.strerror or e)
+        lock = None
+    try:
+        if lock is not None:
+            datasets.remove_leftovers(glob.glob(os.path.join(glob.escape(os.path.dirname(paths[0])), '*.tmp*')))
+            if lock.waited and (got := _load_cache(paths, n, first, source)) is not None:
+                return got
+        images, labels = _decode_split(data_cfg, split, n, first)
+        if lock is not None:
+            _write_cache(paths, images, labels, source)
+        return images, labels
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _decode_split(data_cfg, split: str, n: int, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
     source = datasets.data_source(data_cfg, split)
-    first = _decode(source[0]['image'])
-    images = np.empty((n,) + first.shape, np.uint8)
+    images = np.empty((n,) + tuple(shape), np.uint8)
     labels = np.empty((n,), np.int32)
     lock = threading.Lock()
     odd: list[tuple[int, tuple]] = []
@@ -93,30 +204,29 @@ def decoded_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     def one(i: int) -> None:
         ex = source[i]
         im = _decode(ex['image'])
-        if im.shape != first.shape:
+        if im.shape != tuple(shape):
             with lock:
                 odd.append((i, im.shape))
             return
         images[i], labels[i] = im, ex['label']
 
     logging.info('Decoding the %d images of split %r once for the device pipeline ...', n, split)
+    t0 = time.perf_counter()
+    what = f'decoding split {split!r} for the device pipeline'
+    next_log = t0 + datasets.PROGRESS_EVERY_S
     with concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
-        for start in range(0, n, 4096):
-            list(pool.map(one, range(start, min(n, start + 4096))))
+        for start in range(0, n, 1024):
+            datasets.check_stop(what)
+            if start and time.perf_counter() >= next_log:
+                logging.info('%s', datasets.progress_line(what, start, n, t0))
+                next_log += datasets.PROGRESS_EVERY_S
+            list(pool.map(one, range(start, min(n, start + 1024))))
     if odd:
-        i, shape = min(odd)
-        raise DataError(f'split {split!r}: images differ in size (example 0 is {first.shape[1]}x{first.shape[0]}, '
-                        f'example {i} {shape[1]}x{shape[0]}, {len(odd)} differ); data.pipeline=\'device\' needs one '
-                        f'size: resize the images, or use data.pipeline=\'grain\'')
-    try:
-        os.makedirs(os.path.dirname(images_path), exist_ok=True)
-        for path, arr in ((labels_path, labels), (images_path, images)):  # images last: their presence = complete
-            tmp = f'{path}.{os.getpid()}.tmp.npy'
-            np.save(tmp, arr)
-            os.replace(tmp, path)
-    except OSError as e:  # a read-only TFDS folder: decode again next time
-        logging.warning('Could not cache the decoded split in %s (%s); it is decoded again next run.',
-                        os.path.dirname(images_path), e)
+        i, odd_shape = min(odd)
+        raise DataError(f'split {split!r}: images differ in size (example 0 is {shape[1]}x{shape[0]}, '
+                        f'example {i} {odd_shape[1]}x{odd_shape[0]}, {len(odd)} differ); data.pipeline=\'device\' '
+                        f'needs one size: resize the images, or use data.pipeline=\'grain\'')
+    logging.info('Decoded split %r (%d images) in %.1f s.', split, n, time.perf_counter() - t0)
     return images, labels
 
 

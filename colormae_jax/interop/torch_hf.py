@@ -262,11 +262,15 @@ def _load_path(path: str) -> dict[str, Any]:
     return load_torch_file(path)
 
 
+def _hf_config_path(source: str) -> str:
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    return os.path.join(os.path.abspath(folder), HF_CONFIG)
+
+
 def read_hf_config(source: str) -> dict | None:
     """The ``config.json`` of a ``save_pretrained`` folder (or next to a ``.safetensors`` file), if it
     describes a ViTMAE (``model_type`` 'vit_mae'); None when there is none."""
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    path = os.path.join(folder, HF_CONFIG)
+    path = _hf_config_path(source)
     if not os.path.isfile(path) or not (os.path.isdir(source) or source.endswith('.safetensors')):
         return None
     try:
@@ -520,6 +524,81 @@ def _official_layout(sd: Mapping[str, Any]) -> str:
     return 'mae' if any(k.startswith('decoder_') or k == 'mask_token' for k in sd) else 'timm'
 
 
+def _shape_fields(state_dict: Mapping[str, Any], layout: str) -> dict[str, Any]:
+    """The MAEConfig fields the shapes of an official-named (``layout``) state dict give, plus
+    ``dec_mlp_dim`` and ``image_size_found`` (from ``pos_embed``; None when it has none)."""
+    def shape(key: str) -> tuple:
+        k = layout_key(key, layout)
+        if k not in state_dict or not _is_array(state_dict[k]):
+            raise ConversionError(f'{k!r} is missing, so the model cannot be inferred from this {layout} checkpoint.')
+        return tuple(state_dict[k].shape)
+
+    width, channels, patch, _ = shape('patch_embed.proj.weight')
+    f: dict[str, Any] = dict(width=width, channels=channels, patch=patch, depth=_block_count(state_dict, layout, False),
+                             mlp_dim=shape('blocks.0.mlp.fc1.weight')[0])
+    pos = state_dict.get(layout_key('pos_embed', layout))
+    tokens = pos.shape[-2] - 1 if _is_array(pos) and pos.ndim >= 2 else 0  # [1, 1+N, D]
+    grid = math.isqrt(tokens)
+    f['image_size'] = f['image_size_found'] = grid * patch if grid and grid * grid == tokens else None
+    dec_depth = _block_count(state_dict, layout, True)
+    if dec_depth:
+        dec_width, dec_mlp = shape('mask_token')[-1], shape('decoder_blocks.0.mlp.fc1.weight')[0]
+        f.update(dec_width=dec_width, dec_depth=dec_depth, dec_mlp_ratio=dec_mlp // dec_width, dec_mlp_dim=dec_mlp)
+    return f
+
+
+# config.json key -> (the shapes' field, what in the weights says it)
+_HF_SHAPED = {'hidden_size': ('width', 'the patch embedding\'s output width'),
+              'num_channels': ('channels', 'the patch embedding\'s input channels'),
+              'patch_size': ('patch', 'the patch embedding\'s kernel'),
+              'num_hidden_layers': ('depth', 'encoder blocks'),
+              'intermediate_size': ('mlp_dim', 'the encoder MLP width'),
+              'image_size': ('image_size_found', 'the position table\'s grid x patch'),
+              'decoder_hidden_size': ('dec_width', 'the mask token\'s width'),
+              'decoder_num_hidden_layers': ('dec_depth', 'decoder blocks'),
+              'decoder_intermediate_size': ('dec_mlp_dim', 'the decoder MLP width')}
+
+
+def check_hf_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Any], path: str = HF_CONFIG) -> None:
+    """Refuses a ViTMAE ``config.json`` (``cfg``, read from ``path``) that disagrees with the shapes of
+    its weights (``state_dict``, transformers names), naming the key, its value and what the weights
+    say; then one whose heads do not divide its widths."""
+    sd, _ = hf_to_official(state_dict)
+    found = _shape_fields(sd, _official_layout(sd))
+    g = dict(_HF_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None})
+    for key, (field, what) in _HF_SHAPED.items():
+        if found.get(field) is None:  # no position table / no decoder: nothing to compare
+            continue
+        said = _square(g, key) if key in ('image_size', 'patch_size') else int(g[key])
+        if said != found[field]:
+            given = '' if key in cfg else ' (transformers\' default: the file leaves it out)'
+            raise ConversionError(f'{path}: {key} is {said}{given}, but the weights say {found[field]} ({what}); '
+                                  f'fix {HF_CONFIG} to match the weights (or use the {HF_CONFIG} saved with them)')
+    for heads, width in (('num_attention_heads', 'hidden_size'), ('decoder_num_attention_heads',
+                                                                  'decoder_hidden_size')):
+        if int(g[width]) % int(g[heads]):
+            raise ConversionError(f'{path}: {heads} is {g[heads]}, which does not divide {width} {g[width]}; fix '
+                                  f'{HF_CONFIG} (the heads it was trained with)')
+
+
+def _meta_config(meta: Mapping[str, Any], state_dict: Mapping[str, Any], layout: str,
+                 where: str) -> model_lib.MAEConfig:
+    """The MAEConfig an export's settings give, checked against the shapes of its weights."""
+    try:
+        c = model_lib.MAEConfig(**{k: v for k, v in meta['model'].items() if k in _META_FIELDS})
+    except TypeError as e:
+        raise ConversionError(f'{where}: unreadable model settings ({e}); delete it to infer the model from the '
+                              f'shapes') from None
+    found = _shape_fields(state_dict, layout)
+    for field in ('width', 'depth', 'mlp_dim', 'patch', 'channels', 'image_size_found', 'dec_width', 'dec_depth'):
+        name = field.replace('_found', '')
+        if found.get(field) is not None and getattr(c, name) != found[field]:
+            raise ConversionError(f'{where}: {name} is {getattr(c, name)}, but the weights say {found[field]}; it '
+                                  f'belongs to another export: delete it (the model is then inferred from the '
+                                  f'shapes) or export again')
+    return c
+
+
 def infer_config(state_dict: Mapping[str, Any], layout: str | None = None,
                  **given: Any) -> tuple[model_lib.MAEConfig, list[str]]:
     """The :class:`MAEConfig` a state dict's shapes describe, and notes on what was assumed.
@@ -541,24 +620,11 @@ def infer_config(state_dict: Mapping[str, Any], layout: str | None = None,
                          f'defaults)')
         return c, notes
 
-    def shape(key: str) -> tuple:
-        k = layout_key(key, layout)
-        if k not in state_dict or not _is_array(state_dict[k]):
-            raise ConversionError(f'{k!r} is missing, so the model cannot be inferred from this {layout} checkpoint.')
-        return tuple(state_dict[k].shape)
-
-    width, channels, patch, _ = shape('patch_embed.proj.weight')
-    f: dict[str, Any] = dict(width=width, channels=channels, patch=patch, depth=_block_count(state_dict, layout, False),
-                             mlp_dim=shape('blocks.0.mlp.fc1.weight')[0])
-    pos = state_dict.get(layout_key('pos_embed', layout))
-    tokens = pos.shape[-2] - 1 if _is_array(pos) and pos.ndim >= 2 else 0  # [1, 1+N, D]
-    grid = math.isqrt(tokens)
-    f['image_size'] = grid * patch if grid and grid * grid == tokens else 224
-    dec_depth = _block_count(state_dict, layout, True)
-    if dec_depth:
-        dec_width = shape('mask_token')[-1]
-        f.update(dec_width=dec_width, dec_depth=dec_depth,
-                 dec_mlp_ratio=shape('decoder_blocks.0.mlp.fc1.weight')[0] // dec_width)
+    f = _shape_fields(state_dict, layout)
+    f.pop('dec_mlp_dim', None)
+    if f.pop('image_size_found') is None:
+        f['image_size'] = 224
+    dec_depth = f.get('dec_depth', 0)
     f.update(given)
     notes = []
     if 'heads' not in f:
@@ -604,17 +670,29 @@ class ImportReport:
     notes: list[str]
 
     def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self, verbose: bool = False, shown: int = 3) -> str:
+        """A few lines: the parameters left at their initialisation and the unused source keys are
+        counted, the first ``shown`` named (a whole missing decoder: none); ``verbose``: every one."""
         c = self.config
         lines = [f'Read {self.source}: layout {self.layout}.',
                  f'Model: image {c.image_size}, patch {c.patch}, encoder {c.width} wide x {c.depth} deep, MLP '
                  f'{c.mlp_dim}, {c.heads} heads; decoder {c.dec_width} x {c.dec_depth}, {c.dec_heads} heads.',
                  f'Filled {len(self.filled)} of {len(self.filled) + len(self.unfilled)} parameter arrays.']
-        if self.unfilled:
-            lines.append(f'Left at their initialisation ({len(self.unfilled)}):')
-            lines += [f'  {p}' for p in self.unfilled]
-        if self.unused:
-            lines.append(f'Source keys not used ({len(self.unused)}):')
-            lines += [f'  {k}' for k in self.unused]
+        for head, names in ((f'Left at their initialisation ({len(self.unfilled)})', self.unfilled),
+                            (f'Source keys not used ({len(self.unused)})', self.unused)):
+            if not names:
+                continue
+            if verbose:
+                lines += [head + ':'] + [f'  {n}' for n in names]
+                continue
+            if names is self.unfilled and not any(f.startswith('decoder/') for f in self.filled) and all(
+                    n.startswith('decoder/') for n in names):
+                lines.append(f'{head}: the whole decoder, which the source does not have (--verbose lists them).')
+                continue
+            more = f', ... ({len(names) - shown} more; --verbose lists them)' if len(names) > shown else ''
+            lines.append(f'{head}: {", ".join(names[:shown])}{more}.')
         lines += [f'Note: {n}' for n in self.notes]
         return '\n'.join(lines)
 
@@ -719,10 +797,54 @@ def export_state_dict(params: Params, mae_config: model_lib.MAEConfig, *, layout
     return official_to_hf(sd, hf_names) if hf else sd
 
 
-def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-    """Writes a bare state dict with ``safetensors.numpy`` (metadata format 'pt', as transformers wants)."""
+# What an export carries for its re-import (the model's settings: heads are not in the shapes): in a
+# .safetensors file's metadata under this key, beside a .pth file as ``<file>.json``.
+EXPORT_META = 'colormae_jax'
+_META_FIELDS = ('image_size', 'patch', 'width', 'depth', 'mlp_dim', 'heads', 'dec_width', 'dec_depth', 'dec_heads',
+                'dec_mlp_ratio', 'channels', 'norm_pix_loss', 'ln_eps')
+
+
+def export_meta(c: model_lib.MAEConfig, layout: str, with_decoder: bool) -> dict[str, Any]:
+    """The settings an export of ``c`` in ``layout`` carries (:data:`EXPORT_META`)."""
+    return {'format': EXPORT_META, 'layout': layout, 'with_decoder': bool(with_decoder),
+            'model': {f: getattr(c, f) for f in _META_FIELDS}}
+
+
+def meta_file(path: str) -> str:
+    """Where :func:`export_torch` writes the settings of the ``.pth`` file ``path``."""
+    return path + '.json'
+
+
+def read_export_meta(path: str) -> tuple[dict | None, str]:
+    """(the settings an export carries, where they were read), or (None, '') for a file without
+    them (a file from elsewhere, or one whose ``.json`` was not copied with it)."""
+    where = ''
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, framework='np') as f:
+                text = (f.metadata() or {}).get(EXPORT_META)
+            where = f'{path} (its metadata)'
+        else:
+            where = meta_file(path)
+            if not os.path.isfile(where):
+                return None, ''
+            with open(where) as f:
+                text = f.read()
+        meta = json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - unreadable settings are no settings: the shapes and the table decide
+        return None, ''
+    if not isinstance(meta, dict) or meta.get('format') != EXPORT_META or not isinstance(meta.get('model'), dict):
+        return None, ''
+    return meta, where
+
+
+def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str, meta: Mapping[str, Any] | None = None) -> None:
+    """Writes a bare state dict with ``safetensors.numpy`` (metadata format 'pt', as transformers wants;
+    ``meta``: :func:`export_meta`'s settings under :data:`EXPORT_META`)."""
     from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path, metadata={'format': 'pt'})
+    metadata = {'format': 'pt', **({EXPORT_META: json.dumps(meta)} if meta else {})}
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path, metadata=metadata)
 
 
 def export_torch(params: Params, mae_config: model_lib.MAEConfig, path: str | None = None, *,
@@ -735,16 +857,21 @@ def export_torch(params: Params, mae_config: model_lib.MAEConfig, path: str | No
     it is an encoder-only file like ``mae_pretrain_vit_base.pth``. 'timm': a bare state dict for timm's
     ``VisionTransformer`` (encoder only; no ``head.*``: build the model with ``num_classes=0`` or load with
     ``strict=False``). 'mmpretrain': the MAE names of mmpretrain, saved as ``{'state_dict': ...}``.
+    The file carries what its re-import needs (:func:`export_meta`: the layout and the model, heads
+    included): a ``.safetensors`` file in its metadata, a ``.pth`` file in ``<path>.json`` beside it.
     """
     sd = export_state_dict(params, mae_config, layout=layout, with_decoder=with_decoder)
+    meta = export_meta(mae_config, layout, with_decoder)
     if path is not None and path.endswith('.safetensors'):
-        save_safetensors(sd, path)
+        save_safetensors(sd, path, meta)
         return sd
     torch = _torch()
     sd = {k: torch.from_numpy(v) for k, v in sd.items()}
     if path is not None:
         wrapper = WRAPPERS[layout]
         torch.save({wrapper: sd} if wrapper else sd, path)
+        with open(meta_file(path), 'w') as f:
+            json.dump(meta, f, indent=1)
     return sd
 
 
@@ -775,9 +902,26 @@ def import_source(source: str | Mapping[str, Any], mae_config: model_lib.MAEConf
     inferred from the shapes (:func:`infer_config`, with ``given`` MAEConfig fields).
     """
     sd, where = read_state_dict(source)
-    found = layout or detect_layout(sd)
-    notes = [f'layout {"given" if layout else "detected from the key names"}']
+    detected = detect_layout(sd)
+    meta, meta_where = read_export_meta(source) if isinstance(source, str) and os.path.isfile(source) else (None, '')
+    notes = []
+    if meta is not None and not (meta.get('layout') == detected or {meta.get('layout'), detected} == {'mae', 'timm'}):
+        notes.append(f'{meta_where} is ignored: it describes a {meta.get("layout")} export, the names are {detected}')
+        meta = None
+    if layout:
+        found, how = layout, 'given'
+    elif meta is not None:
+        found, how = meta['layout'], f'from {meta_where}'
+    else:
+        found, how = detected, 'detected from the key names'
+    notes.insert(0, f'layout {how}')
     hf_cfg = read_hf_config(source) if isinstance(source, str) and found == HF else None
+    if hf_cfg is not None:
+        check_hf_config(hf_cfg, sd, _hf_config_path(source))
+    if mae_config is None and hf_cfg is None and meta is not None:
+        c = _meta_config(meta, sd, found, meta_where)
+        mae_config = dataclasses.replace(c, **given)
+        notes.append(f'model from {meta_where} (written by tools.convert export)')
     if mae_config is not None:
         c = mae_config
         if hf_cfg is not None and c.ln_eps != hf_mae_config(hf_cfg)[0].ln_eps:

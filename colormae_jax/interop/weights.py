@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from colormae_jax.checkpoints.checkpointer import CheckpointError
 from colormae_jax.checkpoints.checksums import (
@@ -32,6 +33,26 @@ from colormae_jax.models import mae as model_lib
 
 Params = Any
 PARAMS_ITEM, CONFIG_FILE = 'params', 'mae_config.json'  # the folder save_params writes
+
+# orbax warns twice each time a checkpoint folder is opened read-only, which these readers do on purpose
+_READ_ONLY_NOTES = ('CheckpointManagerOptions.read_only=True, setting', 'Given directory is read only=')
+
+
+def _drop_read_only_notes(record) -> bool:
+    try:
+        return not record.getMessage().startswith(_READ_ONLY_NOTES)
+    except Exception:  # noqa: BLE001 - a record that cannot format is not ours to drop
+        return True
+
+
+def read_only_manager(directory: str, item_handlers: dict) -> ocp.CheckpointManager:
+    """An orbax ``CheckpointManager`` that reads ``directory`` and never writes or creates it, without
+    orbax's two warnings that it is read-only."""
+    logger = absl_logging.get_absl_logger()
+    if _drop_read_only_notes not in logger.filters:
+        logger.addFilter(_drop_read_only_notes)
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0), item_handlers=item_handlers)
 
 def _config_to_json(c: model_lib.MAEConfig) -> dict:
     d = dataclasses.asdict(c)
@@ -83,9 +104,7 @@ def load_training_params(directory: str, step: int | None = None) -> tuple[Param
         directory = os.path.join(directory, 'checkpoints')
     if not os.path.isdir(directory):
         raise CheckpointError(f'{directory}: no such directory')
-    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                item_handlers={'config': ocp.JsonCheckpointHandler(),
-                                               CHECKSUMS: ocp.JsonCheckpointHandler()})
+    mgr = read_only_manager(directory, {'config': ocp.JsonCheckpointHandler(), CHECKSUMS: ocp.JsonCheckpointHandler()})
     try:
         steps = list(mgr.all_steps())
         if not steps:
@@ -195,8 +214,7 @@ def run_config(source: str, step: int | None = None) -> tuple[str, int, dict] | 
     if step not in steps:
         raise DataError(f'{directory}: no step {step}; it has {steps}; name one of them (--step or '
                         f'WORKDIR/checkpoints/STEP)')
-    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                item_handlers={'config': ocp.JsonCheckpointHandler()})
+    mgr = read_only_manager(directory, {'config': ocp.JsonCheckpointHandler()})
     try:
         cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
     except Exception as e:  # noqa: BLE001 - a damaged step: one line

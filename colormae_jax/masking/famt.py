@@ -34,7 +34,6 @@ import numpy as np
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from colormae_jax import loop, parallel
 from colormae_jax.data import device as device_data, pipeline as data, sources as datasets
@@ -400,11 +399,15 @@ def update_pass(store: WeightStore | DeviceWeightStore, weights_fn, batches, mes
     sharding = parallel.batch_sharding(mesh)
     store.begin_pass()
     try:
-        for batch in tqdm(batches, total=total, desc='FAMT weight update', unit='batch', disable=not show_progress):
+        progress = (loop.PassProgress('FAMT weight update', total or 0, unit='batches', interruptible=False)
+                    if show_progress else None)  # in the log; SIGTERM: should_stop
+        for batch in batches:
             images = batch['image']
             if not isinstance(images, jax.Array):  # the grain pass's numpy; the device pass's is global already
                 images = jax.make_array_from_process_local_data(sharding, images)
             store.write_batch(batch['index'], weights_fn(images), batch['valid'], mesh)
+            if progress is not None:
+                progress.update(1)
             if should_stop is not None and should_stop():
                 return None
     finally:

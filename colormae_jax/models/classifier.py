@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from colormae_jax.models import norm
 from colormae_jax.models.mae import MAEConfig, ViTEncoder
 
 CLASSIFIER_POOLS = ('mean', 'cls')
@@ -32,12 +33,12 @@ class LinearProbeHead(nnx.Module):
     gives ``params`` (what the optimizer sees) and ``stats`` (the running ``mean`` / ``var``
     under ``stats['bn']``). With ``train=True`` the BatchNorm normalises with the statistics of
     the batch (under ``jit`` with a sharded batch: of the global batch) and moves the running
-    averages towards them; with ``train=False`` it normalises with the running averages.
-    (Running variances are the biased batch variances, torch keeps the unbiased ones.)
+    averages towards them (the variance unbiased, as torch's); with ``train=False`` it normalises with
+    the running averages.
     """
 
     def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.bn = nnx.BatchNorm(dim, use_running_average=True, use_bias=False, use_scale=False, epsilon=1e-6,
+        self.bn = norm.TorchBatchNorm(dim, use_running_average=True, use_bias=False, use_scale=False, epsilon=1e-6,
                                 momentum=0.9, rngs=rngs)
         self.head = nnx.Linear(dim, num_classes, kernel_init=_timm_trunc_normal(0.01),
                                bias_init=nnx.initializers.zeros_init(), rngs=rngs)

@@ -17,8 +17,9 @@ The model is mmsegmentation's ``EncoderDecoder`` of ColorMAE's ADE20K config
   (``avg_non_ignore=False``); the auxiliary head's weighted 0.4.
 
 BatchNorm is mmseg's SyncBN: under ``jit`` with a batch-sharded input the batch statistics are
-those of the global batch. Also: sliding-window inference (:func:`slide_logits`) and the
-mIoU / aAcc / mAcc of mmseg's ``IoUMetric`` (:func:`intersect_and_union`, :func:`seg_metrics`).
+those of the global batch, and the running variance moves with the unbiased one (:class:`BN`).
+Also: sliding-window inference (:func:`slide_logits`) and the mIoU / aAcc / mAcc of mmseg's
+``IoUMetric`` (:func:`intersect_and_union`, :func:`seg_metrics`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from colormae_jax.models import mae as model_lib
+from colormae_jax.models import mae as model_lib, norm
 
 IGNORE_INDEX = 255
 
@@ -196,8 +197,9 @@ class SegViT(model_lib.ViTEncoder):
 
 # ------------------------------------------------------------------------------ neck and heads
 
-class BN(nnx.BatchNorm):
-    """BatchNorm (SyncBN under a sharded jit); ``train`` picks batch statistics."""
+class BN(norm.TorchBatchNorm):
+    """BatchNorm (SyncBN under a sharded jit) with torch's running variance; ``train`` picks batch
+    statistics (docs/segmentation.md)."""
 
     def __init__(self, n: int, s: SegConfig, rngs: nnx.Rngs):
         super().__init__(n, momentum=s.bn_momentum, epsilon=s.bn_eps, use_running_average=True, rngs=rngs)

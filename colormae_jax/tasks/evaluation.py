@@ -106,8 +106,15 @@ def run_evaluation(config, workdir: str, body: Callable, *, devices=None, stop_a
     logging.info('Evaluating (%s) the encoder of %s.', config.task, desc)
     mesh = parallel.make_mesh(config.mesh, devices)
     parallel.global_batch_check(config.batch_size, mesh)
-    out = body(config, mesh, params, c, workdir, stop_after, deadline)
+    try:
+        with loop.sigterm_stops_passes():  # SIGTERM stops a pass outside the training loop too (kNN, features)
+            out = body(config, mesh, params, c, workdir, stop_after, deadline)
+    except loop.EvaluationInterrupted as e:
+        logging.warning('%s; relaunch the same command to run it again.', e)
+        return {'results': {}, 'preempted': True}
     out['results'] = {k: v for k, v in out['results'].items() if v is not None}
+    if out.get('preempted'):  # stopped early (SIGTERM, deadline): no results.json until it finishes
+        return out
     logging.info('Results: %s', out['results'])
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -133,8 +140,10 @@ class ClassifierTask:
     report_keys = ('top1',)  # the metrics of the last evaluation the run reports
 
     def __init__(self, config, mesh, *, name: str, forward, init_vars, tx, schedule, aux, total_steps: int,
-                 steps_per_epoch: int, eval_batches: Callable, eval_every: int, loss_fn=None, batch_transform=None):
+                 steps_per_epoch: int, eval_batches: Callable, eval_every: int, loss_fn=None, batch_transform=None,
+                 eval_size: int = 0, eval_hint: str = ''):
         self.config, self.mesh, self.name = config, mesh, name
+        self.eval_size, self.eval_hint = eval_size, eval_hint  # examples per evaluation; how to bound it
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.forward, self.tx, self.schedule = forward, tx, schedule
         self.eval_batches, self.eval_every = eval_batches, eval_every
@@ -153,6 +162,17 @@ class ClassifierTask:
                              out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
         self._eval = jax.jit(self._eval_step, in_shardings=(self.state_sharding, bs, rep), out_shardings=rep)
         self.best, self.last = {self.best_key: 0.0}, {}
+        self._note_eval_cost()
+
+    def _note_eval_cost(self) -> None:
+        """A log line when the evaluations read more examples than the run trains on (a run cut
+        short with total_steps), with ``eval_hint``."""
+        runs = len([s for s in range(1, self.total_steps + 1) if self.evaluates(s)])
+        trained = self.total_steps * self.config.batch_size
+        if self.eval_hint and runs * self.eval_size > trained:
+            logging.info('%s evaluates %d time(s) on %s examples each, more than the %s examples it trains on '
+                         '(%d steps of %d); %s.', self.name, runs, f'{self.eval_size:,}', f'{trained:,}',
+                         self.total_steps, self.config.batch_size, self.eval_hint)
 
     def _new_state(self, params, stats):
         return {'step': jnp.zeros((), jnp.int32), 'params': params, 'stats': stats,
@@ -207,22 +227,28 @@ class ClassifierTask:
         ok = (logits.argmax(-1) == batch['label']) & batch['valid']
         return {'correct': ok.sum(), 'count': batch['valid'].sum()}
 
-    def evaluate(self, state) -> dict:
+    def evaluate(self, state, progress: loop.PassProgress | None = None) -> dict:
         correct = count = 0
         sharding = parallel.batch_sharding(self.mesh)
-        for b in self.eval_batches():
-            r = self._eval(state, data.to_global(b, lambda name, x: sharding), self.aux)
-            correct, count = correct + int(r['correct']), count + int(r['count'])
+        batches = self.eval_batches()
+        try:
+            for b in batches:
+                r = self._eval(state, data.to_global(b, lambda name, x: sharding), self.aux)
+                correct, count = correct + int(r['correct']), count + int(r['count'])
+                if progress is not None:
+                    progress.update(int(np.sum(b['valid'])) * jax.process_count())
+        finally:
+            close = getattr(batches, 'close', None)
+            if close is not None:
+                close()
         return {'top1': 100.0 * correct / max(count, 1)}
 
     def run(self, workdir: str, it, stop_after=None, deadline=None) -> dict:
-        """Trains with :func:`loop.run` (resuming from ``workdir``); a run resumed after its
-        last step evaluates the final state, so that it reports the last top-1 too."""
-        res = loop.run(self, self.config, workdir, it, self.abstract_state, self.init_state, stop_after=stop_after,
+        """Trains with :func:`loop.run` (resuming from ``workdir``). A run resumed after its last
+        step reports the last evaluation from the workdir's record, or runs it again if it did
+        not finish."""
+        return loop.run(self, self.config, workdir, it, self.abstract_state, self.init_state, stop_after=stop_after,
                         deadline=deadline)
-        if not self.last and res['step'] >= self.total_steps:
-            self.after_step(self.total_steps, res['state'], metrics.create_writer(os.path.join(workdir, 'tb')))
-        return res
 
     # -- the run_loop protocol
     def describe(self) -> str:
@@ -237,10 +263,21 @@ class ClassifierTask:
     def step(self, step0, state, batch):
         return self._step(state, batch, self.aux)
 
+    def evaluates(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total_steps
+
+    def eval_record(self) -> dict:
+        return {'best': self.best[self.best_key], 'last': self.last}
+
+    def load_eval_record(self, record: dict) -> None:
+        self.best[self.best_key] = max(self.best[self.best_key], float(record['best']))
+        self.last = dict(record['last'])
+
     def after_step(self, step, state, writer) -> None:
-        if step % self.eval_every and step != self.total_steps:
+        if not self.evaluates(step):
             return
-        m = self.evaluate(state)
+        m = self.evaluate(state, loop.PassProgress(f'{self.name}: evaluation after step {step}', self.eval_size,
+                                                   unit='examples', hint=self.eval_hint))
         key = self.best_key
         self.best[key] = max(self.best[key], m[key])
         self.last = {k: m[k] for k in self.report_keys}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from colormae_jax import config_lib, optim
+from colormae_jax import config_lib, knn, optim
 from colormae_jax.data import augment, pipeline as data
 from colormae_jax.errors import ConfigError
 from colormae_jax.models import classifier, mae as model_lib
@@ -80,6 +80,7 @@ def finetune(config, mesh, params: dict, c: model_lib.MAEConfig, workdir: str, s
         init_vars=lambda: (init_params, stats), tx=tx, schedule=schedule, aux=(), total_steps=total,
         steps_per_epoch=spe, eval_batches=eval_batches, eval_every=max(1, int(round(config.eval_every_epochs * spe))),
         loss_fn=lambda logits, batch: augment.soft_cross_entropy(logits, batch['target']),
-        batch_transform=batch_transform)
+        batch_transform=batch_transform, eval_size=knn.count(config.data, config.data.eval_split, f.max_test),
+        eval_hint='--config.finetune.max_test=N evaluates on the first N')
     res = task.run(workdir, it, stop_after, deadline)
     return dict(res, results={'finetune/top1': task.last.get('top1'), 'finetune/best_top1': task.best['top1']})

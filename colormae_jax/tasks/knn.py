@@ -15,4 +15,5 @@ def train_and_evaluate(config, workdir: str, **kw) -> dict:
 def _knn(config, mesh, params, c, workdir, stop_after, deadline) -> dict:
     del workdir, stop_after, deadline  # nothing is trained
     return {'results': knn.knn_eval(params['encoder'], c, config.data, config.knn, num_classes=config.num_classes,
-                                    batch_size=config.batch_size, mesh=mesh)}
+                                    batch_size=config.batch_size, mesh=mesh, what='kNN evaluation',
+                                    hint='--config.knn.max_train / max_test bound it')}

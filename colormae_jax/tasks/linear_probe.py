@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colormae_jax import config_lib, knn, optim
+from colormae_jax import config_lib, knn, loop, optim
 from colormae_jax.data import pipeline as data
 from colormae_jax.errors import ConfigError
 from colormae_jax.models import classifier, mae as model_lib
@@ -80,10 +80,14 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
     out = {}
     if mode == 'fast':
         feature_fn = evaluation.make_feature_fn(c, enc_params, config.data, mesh)
-        tr = knn.extract(feature_fn, enc_params, config.data, split=config.data.split, batch_size=bs, mesh=mesh,
-                         limit=config.probe.max_train)
-        te = knn.extract(feature_fn, enc_params, config.data, split=config.data.eval_split, batch_size=bs, mesh=mesh,
-                         limit=config.probe.max_test)
+        d, p = config.data, config.probe
+        progress = loop.PassProgress(f'linear probe: features of {d.split} and {d.eval_split}',
+                                     knn.count(d, d.split, p.max_train) + knn.count(d, d.eval_split, p.max_test),
+                                     hint='--config.probe.max_train / max_test bound it')
+        tr = knn.extract(feature_fn, enc_params, d, split=d.split, batch_size=bs, mesh=mesh, limit=p.max_train,
+                         progress=progress)
+        te = knn.extract(feature_fn, enc_params, d, split=d.eval_split, batch_size=bs, mesh=mesh, limit=p.max_test,
+                         progress=progress)
         if config.probe.also_knn:
             for p in ('cls', 'mean'):
                 out[f'knn/{p}_top1'] = knn.knn_accuracy(tr[p], tr['label'], te[p], te['label'],
@@ -100,7 +104,7 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
 
         def forward(params, stats, aux, batch, rng, train_mode):
             return _probe_apply(graphdef, params, stats, batch['feat'], train_mode)
-        aux = ()
+        aux, eval_size, eval_hint = (), len(te['label']), ''  # evaluations on features: a linear layer, cheap
     elif mode == 'faithful':
         spe = data.steps_per_epoch(config.data, bs)
         make_iterator = functools.partial(data.make_train_iterator, config.data, global_batch_size=bs,
@@ -118,6 +122,8 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
             feats = jax.lax.stop_gradient(model_lib.pooled_features(nnx.merge(enc_graph, aux)(x))[pool])
             return _probe_apply(graphdef, params, stats, feats, train_mode)
         aux = enc_params
+        eval_size = knn.count(config.data, config.data.eval_split, config.probe.max_test)
+        eval_hint = '--config.probe.max_test=N evaluates on the first N'
     else:
         raise ConfigError('probe.mode', f"{mode!r}; valid: 'fast', 'faithful'")
     if spe < 1:
@@ -130,7 +136,8 @@ def linear_probe(config, mesh, params, c: model_lib.MAEConfig, workdir: str, sto
     task = evaluation.ClassifierTask(
         config, mesh, name=f'linear probe ({mode}, {pool})', forward=forward, init_vars=init_vars,
         tx=optim.make_lars(schedule, weight_decay=config.wd), schedule=schedule, aux=aux, total_steps=total,
-        steps_per_epoch=spe, eval_batches=eval_batches, eval_every=eval_every)
+        steps_per_epoch=spe, eval_batches=eval_batches, eval_every=eval_every, eval_size=eval_size,
+        eval_hint=eval_hint)
     res = task.run(workdir, it, stop_after, deadline)
     out.update({'linear/top1': task.last.get('top1'), 'linear/best_top1': task.best['top1']})
     return dict(res, results=out)

@@ -261,7 +261,29 @@ class PretrainTask:
         self.total_steps, self.steps_per_epoch = t.total_steps, t.steps_per_epoch
         every = t.config.image_summary_every_epochs
         self.img_every = max(1, int(round(every * t.steps_per_epoch))) if every else 0
+        knn_cfg = t.config.knn
+        self.knn_every = max(1, int(round(knn_cfg.every_epochs * t.steps_per_epoch))) if knn_cfg.every_epochs else 0
         self._phase = None
+        self._knn = None
+        if self.knn_every:
+            self._note_knn_cost()
+
+    def _note_knn_cost(self) -> None:
+        """A log line when the kNN monitor reads more images than the run trains on (a run cut
+        short with total_steps), with how to turn it off or bound it."""
+        c, total = self.t.config, self.total_steps
+        n_train = knn.count(c.data, c.data.split, c.knn.max_train)
+        n_test = knn.count(c.data, c.data.eval_split, c.knn.max_test)
+        runs = [s for s in range(self.knn_every, total + 1, self.knn_every)]
+        runs += [] if runs and runs[-1] == total else [total]
+        trained = total * c.batch_size
+        if len(runs) * (n_train + n_test) > trained:
+            at = f'after step {runs[0]}' if len(runs) == 1 else f'{len(runs)} times (after steps {runs[0]}, ...)'
+            logging.info('The kNN monitor runs %s over %s images each (%s %s + %s %s), more than the %s images '
+                         'this run trains on (%d steps of %d); --config.knn.every_epochs=0 turns it off, '
+                         '--config.knn.max_train / --config.knn.max_test bound it (docs/pretraining.md, '
+                         '"Shortening a run").', at, f'{n_train + n_test:,}', f'{n_train:,}', c.data.split,
+                         f'{n_test:,}', c.data.eval_split, f'{trained:,}', total, c.batch_size)
 
     def describe(self) -> str:
         c = self.t.config
@@ -300,18 +322,29 @@ class PretrainTask:
             writer.write_images(step_pics, {'masks/input_mask_reconstruction': viz.reconstruction_grid(
                 inputs, mask, recons, self.t.mae.patch, strategy=name)})
             self._pics = None
-        knn_cfg = self.t.config.knn
-        every = max(1, int(round(knn_cfg.every_epochs * self.steps_per_epoch))) if knn_cfg.every_epochs else 0
-        if every and (step % every == 0 or step == self.total_steps):
+        self._knn = None
+        if self.evaluates(step):
             t0 = time.perf_counter()
-            res = knn.knn_eval(state['params']['encoder'], self.t.mae, self.t.config.data, knn_cfg,
-                                    num_classes=self.t.config.num_classes, batch_size=self.t.config.batch_size,
-                                    mesh=self.mesh)
+            res = knn.knn_eval(state['params']['encoder'], self.t.mae, self.t.config.data, self.t.config.knn,
+                               num_classes=self.t.config.num_classes, batch_size=self.t.config.batch_size,
+                               mesh=self.mesh, what=f'kNN monitor after step {step}',
+                               hint='--config.knn.every_epochs=0 turns it off, --config.knn.max_train / max_test '
+                                    'bound it')
+            self._knn = res
             writer.write_scalars(step, dict(res, **{'knn/seconds': time.perf_counter() - t0}))
             logging.info('kNN monitor at step %d (epoch %.1f): %s', step, step / self.steps_per_epoch, res)
             if self.workdir and jax.process_index() == 0 and '://' not in self.workdir:
-                with open(os.path.join(self.workdir, 'knn.jsonl'), 'a') as f:  # for the study's curves
-                    f.write(json.dumps(dict(res, step=step, epoch=step / self.steps_per_epoch)) + '\n')
+                _append_knn(os.path.join(self.workdir, 'knn.jsonl'),
+                            dict(res, step=step, epoch=step / self.steps_per_epoch))
+
+    def evaluates(self, step: int) -> bool:
+        return bool(self.knn_every) and (step % self.knn_every == 0 or step == self.total_steps)
+
+    def eval_record(self) -> dict:
+        return {'knn': self._knn}
+
+    def load_eval_record(self, record: dict) -> None:
+        self._knn = record.get('knn')
 
     def abstract_extra(self):
         return self.phases.abstract_extra()
@@ -324,6 +357,23 @@ class PretrainTask:
 
 
 
+
+
+def _append_knn(path: str, line: dict) -> None:
+    """Appends the monitor's ``line`` to ``knn.jsonl`` (the study's curves), without the lines of
+    its step and later ones: those were written before the run resumed from an earlier step."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for x in f:
+                try:
+                    if json.loads(x).get('step', -1) < line['step']:
+                        kept.append(x if x.endswith('\n') else x + '\n')
+                except ValueError:
+                    continue
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(kept + [json.dumps(line) + '\n'])
+    os.replace(path + '.tmp', path)
 
 
 def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | None = None,

@@ -139,7 +139,7 @@ class SegTask(evaluation.ClassifierTask):
         self._fwd = jax.jit(fwd, in_shardings=(rep, rep, bsh), out_shardings=rep)
         self._rep = rep
 
-    def evaluate(self, state) -> dict:
+    def evaluate(self, state, progress=None) -> dict:
         c = self.config
         k = c.data.num_classes
         if jax.process_count() > 1:  # every process evaluates its own images on its own devices
@@ -156,6 +156,8 @@ class SegTask(evaluation.ClassifierTask):
             areas += seg.intersect_and_union(pred, lab, k)
             if len(pictures) < c.seg.pictures:
                 pictures.append((name, picture(img, lab, pred, k)))
+            if progress is not None:
+                progress.update(jax.process_count())
         if jax.process_count() > 1:
             areas = np.asarray(multihost_utils.process_allgather(areas)).sum(0)
         self._pictures = pictures
@@ -203,15 +205,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after: int | 
         return seg.seg_loss(*logits, batch['label'], aux_weight=s.aux_weight, avg_non_ignore=s.avg_non_ignore)[0]
 
     spe = max(1, seg_data.data_source(config.data, config.data.split).__len__() // config.batch_size)
+    n_eval = len(seg_data.data_source(config.data, config.data.eval_split))
     task = SegTask(config, mesh, workdir, graphdef,
                    name=f'segmentation (UperNet on {c.width}x{c.depth} at {s.crop_size}, layer decay {s.layer_decay})',
                    forward=forward, init_vars=lambda: (init_params, stats), tx=tx, schedule=schedule, aux=(),
                    total_steps=total, steps_per_epoch=spe, eval_batches=lambda: iter(()),
-                   eval_every=int(config.eval_every_steps), loss_fn=loss_fn)
+                   eval_every=int(config.eval_every_steps), loss_fn=loss_fn,
+                   eval_size=min(n_eval, s.eval_max) if s.eval_max else n_eval,
+                   eval_hint='--config.seg.eval_max=N evaluates on the first N images')
     res = task.run(workdir, it, stop_after, deadline)
     results = {f'seg/{k}': v for k, v in task.last.items()}
     results['seg/best_mIoU'] = task.best['mIoU']
-    if jax.process_index() == 0 and '://' not in workdir:
+    if jax.process_index() == 0 and '://' not in workdir and not res['preempted']:
         with open(os.path.join(workdir, 'results.json'), 'w') as f:
             json.dump({'task': config.task, 'init_from': config.init_from, 'source': desc, 'step': res['step'],
                        **results}, f, indent=1)

@@ -90,7 +90,7 @@ def _cmd_import(args: argparse.Namespace) -> None:
     if args.config:
         report = dataclasses.replace(report, notes=[report.notes[0], f'model from --config {args.config}',
                                                     *report.notes[1:]])
-    print(report)
+    print(report.describe(verbose=args.verbose))
     print(f'Wrote {weights.save_params(args.dst, params, report.config)} ({weights.PARAMS_ITEM}/: orbax pure-dict '
           f'params, {weights.CONFIG_FILE}).')
 
@@ -107,10 +107,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
               f'transformers.ViTMAEForPreTraining.from_pretrained.')
         return
     sd = export_torch(params, c, args.dst, layout=args.layout, with_decoder=args.with_decoder)
-    wrapper = None if args.dst.endswith('.safetensors') else WRAPPERS[args.layout]
+    safetensors = args.dst.endswith('.safetensors')
+    wrapper = None if safetensors else WRAPPERS[args.layout]
+    carried = 'in its metadata' if safetensors else f'in {interop.meta_file(os.path.abspath(args.dst))}'
     print(f'Read {what}.\nWrote {os.path.abspath(args.dst)}: {len(sd)} tensors, {args.layout} layout'
           f'{", decoder included" if args.with_decoder else ", encoder only"}'
-          f'{f", wrapped as {{{wrapper!r}: state_dict}}" if wrapper else ", a bare state dict"}.')
+          f'{f", wrapped as {{{wrapper!r}: state_dict}}" if wrapper else ", a bare state dict"}; the model\'s '
+          f'settings (heads included, for tools.convert import and init_from) {carried}.')
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument('--dec_heads', type=int, help="decoder heads (default: 16, MAE's decoder)")
     i.add_argument('--no_norm_pix_loss', action='store_true', help='the model was trained on raw pixels')
     i.add_argument('--seed', type=int, default=0, help='initialises the parameters the checkpoint lacks')
+    i.add_argument('--verbose', action='store_true', help='list every parameter left at its initialisation and '
+                                                          'every unused source key (default: counts and a few)')
     e = sub.add_parser('export', help='our params -> .pth / .safetensors (official MAE / timm / mmpretrain layout) '
                                       'or a transformers ViTMAEForPreTraining folder (--layout hf)')
     e.add_argument('src', help='a training --workdir (or WORKDIR/checkpoints/STEP), or any source import reads')
@@ -143,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
                         "and 5) or v5 (transformers 5's module names)")
     e.add_argument('--with_decoder', action='store_true', help='include the decoder (mae, mmpretrain; hf always)')
     e.add_argument('--step', type=int, help='training step to export (default: the newest)')
+    for x in (p, i, e):
+        x.add_argument('--helpshort', action='help', help=argparse.SUPPRESS)  # as the absl programs
     return p
 
 

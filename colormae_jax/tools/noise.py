@@ -14,9 +14,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from colormae_jax.masking import colour, core
+from colormae_jax.tools import absl_help
 
 _COLOUR = flags.DEFINE_enum('colour', 'green', ['red', 'blue', 'green', 'purple'], 'Colour of the bank to write.')
 _SIZE = flags.DEFINE_integer('size', 1024, 'Number of patterns L.')
@@ -95,6 +96,7 @@ def figure(path: str, grid: int, ratio: float, side: int, seed: int) -> None:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # JAX's INFO about a missing libtpu, matplotlib's font cache
     check_flags()
     if _OUT.value:
         bank = colour.generate(jax.random.PRNGKey(_SEED.value), _COLOUR.value, _SIZE.value, _SIDE.value, **sigmas())
@@ -106,4 +108,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    absl_help()
     app.run(main)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -33,6 +34,7 @@ from absl import logging
 from colormae_jax import config_lib, viz
 from colormae_jax.api import mae as api, segmentation as seg_api
 from colormae_jax.checkpoints.checkpointer import CheckpointError
+from colormae_jax.cli import data_root_hint
 from colormae_jax.errors import ConfigError, DataError
 from colormae_jax.interop import weights
 
@@ -119,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--scale', type=int, help='integer upscaling of each panel (default: to about 128 pixels)')
     p.add_argument('--max_side', type=int, default=256,
                    help='segmentation: images longer than this are drawn downscaled (default: 256 pixels)')
+    p.add_argument('--helpshort', action='help', help=argparse.SUPPRESS)  # as the absl programs
     return p
 
 
@@ -129,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args)
     except (DataError, ConfigError, CheckpointError) as e:
-        print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
+        spec = re.sub(r'[:,]root=[^,]*', '', args.config or 'CONFIG.py')  # the folder goes into --config: root=
+        msg = data_root_hint(' '.join(str(e).split()), f'--config {spec}{"," if ":" in spec else ":"}root={{}}')
+        print('error: ' + msg, file=sys.stderr)
         return 2
     finally:
         logging.set_verbosity(verbosity)
