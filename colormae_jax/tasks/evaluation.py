@@ -167,9 +167,11 @@ class ClassifierTask:
     def _note_eval_cost(self) -> None:
         """A log line when the evaluations read more examples than the run trains on (a run cut
         short with total_steps), with ``eval_hint``."""
+        if not self.eval_hint:
+            return
         runs = len([s for s in range(1, self.total_steps + 1) if self.evaluates(s)])
         trained = self.total_steps * self.config.batch_size
-        if self.eval_hint and runs * self.eval_size > trained:
+        if runs * self.eval_size > trained:
             logging.info('%s evaluates %d time(s) on %s examples each, more than the %s examples it trains on '
                          '(%d steps of %d); %s.', self.name, runs, f'{self.eval_size:,}', f'{trained:,}',
                          self.total_steps, self.config.batch_size, self.eval_hint)
