@@ -16,7 +16,7 @@ LAYERS = [
     ('shared', ['loop', 'optim', 'knn', 'config_lib', 'checkpoints.checkpointer', 'checkpoints.checksums',
                 'interop.*', 'masking', 'masking.*']),
     ('base', ['models', 'models.*', 'data', 'data.*', 'checkpoints', 'checkpoints.workdir', 'interop', 'parallel',
-              'metrics', 'distributed', 'defaults', 'viz']),
+              'metrics', 'distributed', 'defaults', 'viz', 'topologies']),
     ('bottom', ['errors']),
 ]
 

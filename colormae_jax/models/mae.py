@@ -10,6 +10,8 @@ classification heads on the encoder are in :mod:`colormae_jax.models.classifier`
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any
@@ -102,9 +104,35 @@ CPU_FORM_NAMES = ('attention', 'layernorm', 'dense')
 CPU_FORMS = frozenset({'attention', 'layernorm'})
 
 
+_FORMS_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar('colormae_forms_platform', default=None)
+
+
+@contextlib.contextmanager
+def forms_for(target):
+    """Within this context, ``attn_impl='auto'`` traces the forms of ``target``: a platform name
+    ('cpu', 'tpu', 'gpu') or a mesh (its devices' platform), whatever ``jax.default_backend()`` is;
+    e.g. a step compiled from a CPU host for TPU devices. Enter it around the tracing (``.lower``)."""
+    platform = target if isinstance(target, str) or target is None else target.devices.flat[0].platform
+    token = _FORMS_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _FORMS_PLATFORM.reset(token)
+
+
+def forms_platform() -> str:
+    """The platform whose layer forms ``'auto'`` traces: :func:`forms_for`'s, else that of the
+    abstract mesh in context (``jax.set_mesh``), else ``jax.default_backend()``."""
+    platform = _FORMS_PLATFORM.get()
+    if platform is None:
+        device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+        platform = device.platform if device is not None else jax.default_backend()
+    return platform
+
+
 def cpu_forms(impl: str | None) -> frozenset:
     """The CPU forms in use for a model with ``attn_impl=impl`` (read at trace time)."""
-    if impl == 'cpu' or (impl == 'auto' and jax.default_backend() == 'cpu'):
+    if impl == 'cpu' or (impl == 'auto' and forms_platform() == 'cpu'):
         return CPU_FORMS
     return frozenset()
 
@@ -197,11 +225,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax
     NVIDIA GPUs). 'einsum': the same maths with the heads next to the batch, which XLA:CPU
     runs faster (10% of a ViT-Ti/4 CIFAR step). 'cpu': with the 'attention' CPU form
     (:func:`cpu_forms`), the heads folded into the batch and a written-out backward
-    (:func:`_attention_core`), else 'einsum'. 'auto': 'cpu' on the CPU, elsewhere
-    ``jax.nn.dot_product_attention`` choosing for itself.
+    (:func:`_attention_core`), else 'einsum'. 'auto': 'cpu' when tracing for the CPU
+    (:func:`forms_platform`), elsewhere ``jax.nn.dot_product_attention`` choosing for itself.
     """
     if impl == 'auto':
-        impl = 'cpu' if jax.default_backend() == 'cpu' else None
+        impl = 'cpu' if forms_platform() == 'cpu' else None
     if impl == 'cpu' and 'attention' in cpu_forms(impl):
         b, n, h, d = q.shape
         q = q * np.asarray(1.0 / np.sqrt(d), q.dtype)
