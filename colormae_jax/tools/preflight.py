@@ -830,31 +830,38 @@ def report(target: topologies.Target, res: dict, out=sys.stdout) -> None:
 
 # ------------------------------------------------------------------------------ command line
 
+# Flags of their own: colormae_jax.cli defines --config and --verbose too, and both may be imported in one process.
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/imagenet.py:mask=famt',
-                                          lock_config=True)
+                                          lock_config=True, flag_values=FLAGS)
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'Comma-separated: v5e:4x4, v5e-16, v4-32, v5p-64, v6e:2x2, '
-                                                  'h100:8, h200:2x8 (hosts x GPUs), a100:1, ...')
+                                                  'h100:8, h200:2x8 (hosts x GPUs), a100:1, ...', flag_values=FLAGS)
 _JSON = flags.DEFINE_string('json', '', 'Write the results here (JSON), program by program; the same command '
-                                        'with the same file resumes.')
+                                        'with the same file resumes.', flag_values=FLAGS)
 _ENCODER = flags.DEFINE_string('encoder', 'B/16', 'The pre-trained encoder of an evaluation config (its init_from '
-                                                  'is not read).')
+                                                  'is not read).', flag_values=FLAGS)
 _ENCODER_DTYPE = flags.DEFINE_enum('encoder_dtype', 'bfloat16', ['float32', 'bfloat16'],
-                                   "The encoder's compute dtype in fine-tuning and the probe (its pre-training's).")
+                                   "The encoder's compute dtype in fine-tuning and the probe (its pre-training's).",
+                                   flag_values=FLAGS)
 _NUM_EXAMPLES = flags.DEFINE_integer('num_examples', 0, 'Examples in the training split, when the dataset is '
-                                                        'not one of the known ones (for the schedule).', lower_bound=0)
+                                                        'not one of the known ones (for the schedule).', lower_bound=0,
+                                                        flag_values=FLAGS)
 _TARGET_CONFIG = flags.DEFINE_multi_string('target_config', [], 'KIND=FILE: a GpuTargetConfig text proto for a GPU '
-                                                                'kind (built in: a100, h100, h200).')
+                                                                'kind (built in: a100, h100, h200).', flag_values=FLAGS)
 _PEAK = flags.DEFINE_multi_string('peak_tflops', [], 'KIND=TFLOPS: the dense bf16 peak of a GPU kind given by '
-                                                     '--target_config.')
-_SUGGEST = flags.DEFINE_bool('suggest', True, 'When a program does not fit, find the smallest change that does.')
+                                                     '--target_config.', flag_values=FLAGS)
+_SUGGEST = flags.DEFINE_bool('suggest', True, 'When a program does not fit, find the smallest change that does.',
+                             flag_values=FLAGS)
 _MAX_TRIES = flags.DEFINE_integer('max_tries', 4, 'Changes compiled at most per topology when looking for one '
-                                                  'that fits.', lower_bound=1)
-_PROGRAMS = flags.DEFINE_list('programs', [], "Only these programs (e.g. 'step', 'train', 'eval'; default all).")
+                                                  'that fits.', lower_bound=1, flag_values=FLAGS)
+_PROGRAMS = flags.DEFINE_list('programs', [], "Only these programs (e.g. 'step', 'train', 'eval'; default all).",
+                              flag_values=FLAGS)
 _SMALLEST = flags.DEFINE_bool('smallest', False, 'Also find the smallest slice of the same chip that holds the '
-                                                 'programs (estimated from the memory per device, then compiled).')
+                                                 'programs (estimated from the memory per device, then compiled).',
+                                                 flag_values=FLAGS)
 _TABLE = flags.DEFINE_bool('table', False, 'Print the docs table (markdown) of the --json files given as arguments '
-                                           'instead of compiling.')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Tracebacks instead of one-line errors.')
+                                           'instead of compiling.', flag_values=FLAGS)
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Tracebacks instead of one-line errors.', flag_values=FLAGS)
 
 
 class UsageError(ValueError):
@@ -999,8 +1006,11 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     verbose = '--verbose' in argv or os.environ.get('COLORMAE_VERBOSE', '') in ('1', 'true')
+    if any(a in ('-h', '--help', '-help', '--helpshort', '-helpshort', '--helpfull', '-?') for a in argv[1:]):
+        sys.stdout.write(f'{(__doc__ or "").strip()}\n\nflags:\n{FLAGS.get_help()}\n')
+        sys.exit(0)
     try:
-        rest = flags.FLAGS(argv)
+        rest = FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - absl and config_flags raise what their parsers raise
         if verbose:
             raise
