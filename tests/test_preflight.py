@@ -180,7 +180,7 @@ def test_tiny_model_fits_v5e_2x2_with_fsdp_1_and_2(tmp_path):
 
 @needs_tpu
 @pytest.mark.slow
-def test_fine_tuning_and_segmentation_compile_for_v5e_2x2(tmp_path):
+def test_fine_tuning_and_segmentation_compile_for_tpu_slices(tmp_path):
     r, doc = run(['--config', 'configs/imagenet_eval.py:task=finetune', '--config.data.image_size=32',
                   '--config.batch_size=8', '--encoder=mu/16', '--topology=v5e:2x2'], tmp_path, name='ft.json')
     assert r.returncode == 0, r.stderr[-3000:]
