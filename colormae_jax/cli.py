@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 from colormae_jax import config_lib, distributed
 from colormae_jax.checkpoints import checkpointer as checkpoint, workdir as workdir_lib
-from colormae_jax.errors import ConfigError, DataError
+from colormae_jax.errors import ConfigError, DataError, chain
 from colormae_jax.loop import NonFiniteMetrics
 from colormae_jax.tools import absl_help
 
@@ -214,7 +214,7 @@ def error_line(e: BaseException, workdir: str | None = None) -> str | None:
     ``OSError`` about a file in ``workdir``); None for anything else (a bug: shown with its
     traceback)."""
     if isinstance(e, ConfigError) and e.key is None:  # re-raised by config_flags: the original says it better
-        e = next((x for x in _chain(e) if isinstance(x, ConfigError) and x.key is not None), e)
+        e = next((x for x in chain(e) if isinstance(x, ConfigError) and x.key is not None), e)
     if isinstance(e, checkpoint.CheckpointMismatch):
         msg = re.sub(r'^The checkpoint (\S+) does not match this config:', r'\1: the checkpoint does not match this '
                      r'config:', str(e))
@@ -280,14 +280,6 @@ def _inside(path, folder: str) -> bool:
         return False
     path, folder = os.path.abspath(path), os.path.abspath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _chain(e: BaseException):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
 
 
 def _verbose(argv=None) -> bool:
@@ -370,7 +362,7 @@ _OVERRIDE = re.compile(r'^-{1,2}(?:no)?config\.([^=]+)')
 
 def _flag_error(e: BaseException, argv) -> str:
     """The one-line message of a flag parsing error."""
-    for x in _chain(e):  # get_config refusing its argument
+    for x in chain(e):  # get_config refusing its argument
         if isinstance(x, ConfigError) and x.key is not None:
             return _one_line(str(x))
     arg = _config_arg(argv)

@@ -28,3 +28,12 @@ class WorkdirError(ConfigError):
             return
         ValueError.__init__(self, f'--workdir {workdir}: {msg}')
         self.key = '--workdir'
+
+
+def chain(e: BaseException | None):
+    """``e``, then its causes (``__cause__``, else ``__context__``), each once."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__

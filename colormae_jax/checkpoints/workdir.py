@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from colormae_jax.errors import WorkdirError
+from colormae_jax.errors import WorkdirError, chain
 
 LOCK_FILE = 'run.lock'
 UNREADABLE_STALE_AFTER_S = 30.0  # an unreadable lock file older than this was left by a crash
@@ -230,20 +230,12 @@ _CODE = re.compile(r"os_error_code='?(\d+)")
 _PATH = re.compile(r'(?:writing|[Ff]ailed writing:?|local file|[Ff]ile)\s+"?(/[^";,\s]+)')
 
 
-def _chain(e: BaseException):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def storage_error(e: BaseException | None) -> OSError | None:
     """The storage failure behind ``e`` (``e`` or its causes): an ``OSError`` whose errno is one
     of :data:`STORAGE_ERRNOS` (disk full, quota, file-size limit, permission, read-only file
     system) with the path when one is known; None when ``e`` is something else."""
     found, path = None, None
-    for x in _chain(e):
+    for x in chain(e):
         if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
             found = found or x.errno
             path = path or x.filename
