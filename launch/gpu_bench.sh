@@ -29,9 +29,10 @@ there. Environment: PYTHON, the interpreter (default python3).
 USAGE
 }
 
-die() { echo "error: $*" >&2; usage >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [[ "${1:-}" == "--help" ]]; then usage; exit 0; fi
+help_if_asked "$@"
 
 stage=all data=../shared/data/cifar10 out=gpu_results minutes=9 torch_ref=../shared/bench/torch_mae_ref.py
 strategies=random,green,famt,amt
@@ -43,9 +44,7 @@ while getopts ":s:d:o:m:t:k:h" opt; do
     m) minutes="$OPTARG" ;;
     t) torch_ref="$OPTARG" ;;
     k) strategies="$OPTARG" ;;
-    h) usage; exit 0 ;;
-    :) die "option -$OPTARG needs a value" ;;
-    *) die "unknown option -$OPTARG" ;;
+    *) common_opt "$opt" ;;
   esac
 done
 shift $((OPTIND - 1))
